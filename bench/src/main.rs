@@ -1,1 +1,321 @@
-fn main() {}
+//! relay-bench: echo origin, load generator and cross-check client for relay benchmarks.
+//! Loopback only: `load` and `check` refuse any target outside 127.0.0.0/8 and ::1.
+
+#![forbid(unsafe_code)]
+
+mod check;
+mod load;
+mod net;
+mod origin;
+mod report;
+mod ws;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "relay-bench",
+    version,
+    about = "WebSocket echo origin and load generators for relay benchmarks (loopback only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// WebSocket echo server built for many idle connections (SO_REUSEPORT, mio).
+    EchoOrigin(OriginOpts),
+    /// mio-based load generator: hold many idle connections, or closed-loop throughput.
+    Load(LoadOpts),
+    /// Independent tokio-tungstenite throughput client, to cross-check `load`.
+    Check(CheckOpts),
+}
+
+#[derive(Args, Debug)]
+struct OriginOpts {
+    /// Address to listen on (port 0 picks a free port; see the `ready` line).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: SocketAddr,
+    /// Event-loop threads, each with its own SO_REUSEPORT listener.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// listen(2) backlog per listener.
+    #[arg(long, default_value_t = 4096)]
+    backlog: i32,
+    /// Print a stats line to stderr every N seconds (0 = never).
+    #[arg(long, default_value_t = 0)]
+    stats_interval: u64,
+    /// Exit by itself after N seconds (0 = run until killed).
+    #[arg(long, default_value_t = 0)]
+    max_seconds: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Target {
+    /// Where to connect: HOST:PORT, loopback only (127.0.0.0/8 or [::1]).
+    #[arg(long)]
+    target: String,
+    /// Request path of the upgrade.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Host header value (default: the --target text).
+    #[arg(long)]
+    host: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeOpt {
+    Hold,
+    Throughput,
+}
+
+#[derive(Args, Debug)]
+struct LoadOpts {
+    #[command(flatten)]
+    target: Target,
+    /// hold: open and keep idle connections; throughput: closed-loop echo traffic.
+    #[arg(long, value_enum, default_value_t = ModeOpt::Throughput)]
+    mode: ModeOpt,
+    /// Connections to open (in total, over all threads).
+    #[arg(long, default_value_t = 1)]
+    connections: u64,
+    /// New connections per second during the ramp (0 = as fast as --max-pending allows).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Connection attempts (connect + upgrade) in progress at once, over all threads.
+    #[arg(long, default_value_t = 1024)]
+    max_pending: u64,
+    /// Give up on a connection whose connect + upgrade takes longer (seconds).
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Bind source addresses round-robin over this IPv4 range, e.g. 127.0.0.2-127.0.255.254.
+    #[arg(long)]
+    source_range: Option<String>,
+    /// Bind source addresses round-robin over this list, e.g. 127.0.0.2,127.0.0.3.
+    #[arg(long)]
+    sources: Option<String>,
+    /// hold: seconds to keep the connections open once the ramp is done.
+    #[arg(long, default_value_t = 10.0)]
+    hold: f64,
+    /// hold: each connection sends one --size message every SECS seconds and times the echo.
+    #[arg(long)]
+    trickle: Option<f64>,
+    /// Message payload size in bytes.
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    /// throughput: messages in flight per connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    inflight: u32,
+    /// throughput: measurement window in seconds (after all connections are open).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Event-loop threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Write the JSON result to FILE ("-" = stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
+    /// Hard cap on the whole run in seconds; the run stops by itself then.
+    #[arg(long, default_value_t = 600)]
+    max_seconds: u64,
+}
+
+#[derive(Args, Debug)]
+struct CheckOpts {
+    #[command(flatten)]
+    target: Target,
+    /// Connections.
+    #[arg(long, default_value_t = 10)]
+    connections: u64,
+    /// Messages in flight per connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    inflight: u32,
+    /// Message payload size in bytes.
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    /// Measurement window in seconds (after all connections are open).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// tokio worker threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Write the JSON result to FILE ("-" = stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
+    /// Hard cap on the whole run in seconds.
+    #[arg(long, default_value_t = 600)]
+    max_seconds: u64,
+}
+
+/// Largest message accepted by `load`/`check` (they build each message in memory).
+const MAX_SIZE: usize = 64 << 20;
+
+fn secs(name: &str, v: f64) -> Result<Duration> {
+    if !v.is_finite() || !(0.0..=1e7).contains(&v) {
+        bail!("--{name} {v}: expected a number of seconds >= 0");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("relay-bench: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::EchoOrigin(o) => {
+            origin::run(origin::OriginArgs {
+                listen: o.listen,
+                threads: o.threads as usize,
+                backlog: o.backlog,
+                stats_interval: o.stats_interval,
+                max_seconds: o.max_seconds,
+            })?;
+            Ok(0)
+        }
+        Cmd::Load(o) => {
+            let target = net::loopback_target(&o.target.target)?;
+            let sources =
+                net::Sources::parse(o.source_range.as_deref(), o.sources.as_deref(), target)?;
+            if o.size > MAX_SIZE {
+                bail!("--size {}: at most {MAX_SIZE} bytes", o.size);
+            }
+            if !o.rate.is_finite() || o.rate < 0.0 {
+                bail!("--rate must be >= 0");
+            }
+            let trickle = match o.trickle {
+                None => None,
+                Some(t) if t > 0.0 => Some(secs("trickle", t)?),
+                Some(_) => bail!("--trickle must be > 0 seconds"),
+            };
+            if trickle.is_some() && o.mode != ModeOpt::Hold {
+                bail!("--trickle only applies to --mode hold");
+            }
+            let args = load::LoadArgs {
+                host: o
+                    .target
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| o.target.target.clone()),
+                path: o.target.path.clone(),
+                target,
+                target_str: o.target.target.clone(),
+                mode: match o.mode {
+                    ModeOpt::Hold => load::Mode::Hold,
+                    ModeOpt::Throughput => load::Mode::Throughput,
+                },
+                connections: o.connections,
+                rate: o.rate,
+                max_pending: o.max_pending.max(1),
+                connect_timeout: secs("connect-timeout", o.connect_timeout)?,
+                sources,
+                hold: secs("hold", o.hold)?,
+                trickle,
+                size: o.size,
+                inflight: o.inflight,
+                duration: secs("duration", o.duration)?,
+                threads: o.threads as usize,
+                max_seconds: o.max_seconds,
+            };
+            load::run(args, o.json.as_deref())
+        }
+        Cmd::Check(o) => {
+            let target = net::loopback_target(&o.target.target)?;
+            if o.size > MAX_SIZE {
+                bail!("--size {}: at most {MAX_SIZE} bytes", o.size);
+            }
+            let args = check::CheckArgs {
+                host: o
+                    .target
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| o.target.target.clone()),
+                path: o.target.path.clone(),
+                target,
+                target_str: o.target.target.clone(),
+                connections: o.connections,
+                inflight: o.inflight,
+                size: o.size,
+                duration: secs("duration", o.duration)?,
+                threads: o.threads as usize,
+                max_seconds: o.max_seconds,
+            };
+            check::run(args, o.json.as_deref())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_examples() {
+        Cli::try_parse_from([
+            "relay-bench",
+            "echo-origin",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+        ])
+        .unwrap();
+        Cli::try_parse_from([
+            "relay-bench",
+            "load",
+            "--mode",
+            "hold",
+            "--target",
+            "127.0.0.1:9000",
+            "--connections",
+            "10000",
+            "--rate",
+            "5000",
+            "--source-range",
+            "127.0.0.2-127.0.255.254",
+            "--hold",
+            "30",
+            "--trickle",
+            "5",
+        ])
+        .unwrap();
+        Cli::try_parse_from([
+            "relay-bench",
+            "check",
+            "--target",
+            "127.0.0.1:9000",
+            "--json",
+            "-",
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn load_refuses_non_loopback() {
+        let cli = Cli::try_parse_from(["relay-bench", "load", "--target", "192.0.2.1:80"]).unwrap();
+        let e = run(cli).unwrap_err().to_string();
+        assert!(e.contains("not a loopback"), "{e}");
+        let cli = Cli::try_parse_from(["relay-bench", "check", "--target", "10.1.1.1:80"]).unwrap();
+        assert!(run(cli).is_err());
+    }
+}
