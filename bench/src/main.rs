@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 mod check;
+#[cfg(test)]
+mod e2e_tests;
 mod load;
 mod net;
 mod origin;
@@ -231,7 +233,9 @@ fn run(cli: Cli) -> Result<i32> {
                 threads: o.threads as usize,
                 max_seconds: o.max_seconds,
             };
-            load::run(args, o.json.as_deref())
+            let r = load::run(args)?;
+            r.emit(o.json.as_deref())?;
+            Ok(report::exit_code(&r))
         }
         Cmd::Check(o) => {
             let target = net::loopback_target(&o.target.target)?;
@@ -254,7 +258,9 @@ fn run(cli: Cli) -> Result<i32> {
                 threads: o.threads as usize,
                 max_seconds: o.max_seconds,
             };
-            check::run(args, o.json.as_deref())
+            let r = check::run(args)?;
+            r.emit(o.json.as_deref())?;
+            Ok(report::exit_code(&r))
         }
     }
 }

@@ -121,8 +121,16 @@ struct Worker {
     stats: Arc<Stats>,
 }
 
-pub fn run(args: OriginArgs) -> Result<()> {
-    let limit = net::raise_nofile();
+/// Running worker threads of an origin.
+pub struct Running {
+    pub addr: SocketAddr,
+    handles: Vec<std::thread::JoinHandle<Result<()>>>,
+    stats: Vec<Arc<Stats>>,
+}
+
+/// Binds one SO_REUSEPORT listener per thread (all on the same address, also when the
+/// port was 0) and starts the workers.
+pub fn start(args: &OriginArgs) -> Result<Running> {
     let first = net::reuseport_listener(args.listen, args.backlog)
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = first.local_addr()?;
@@ -133,20 +141,34 @@ pub fn run(args: OriginArgs) -> Result<()> {
                 .with_context(|| format!("binding {addr}"))?,
         );
     }
-    let mut all_stats = Vec::new();
+    let mut stats = Vec::new();
     let mut handles = Vec::new();
     for (i, l) in listeners.into_iter().enumerate() {
-        let stats = Arc::new(Stats::default());
-        all_stats.push(stats.clone());
+        let st = Arc::new(Stats::default());
+        stats.push(st.clone());
         let listener = TcpListener::from_std(l);
         let h = std::thread::Builder::new()
             .name(format!("origin-{i}"))
             .spawn(move || {
-                let mut w = Worker::new(listener, stats)?;
+                let mut w = Worker::new(listener, st)?;
                 w.run()
             })?;
         handles.push(h);
     }
+    Ok(Running {
+        addr,
+        handles,
+        stats,
+    })
+}
+
+pub fn run(args: OriginArgs) -> Result<()> {
+    let limit = net::raise_nofile();
+    let Running {
+        addr,
+        mut handles,
+        stats: all_stats,
+    } = start(&args)?;
     if let Some(l) = limit {
         eprintln!(
             "echo-origin: {} thread(s), fd limit {l}",

@@ -171,6 +171,18 @@ impl Report {
     }
 }
 
+/// Process exit code for a finished run: 1 if any echo failed verification, 3 if no
+/// connection could be opened at all (nothing was measured), else 0.
+pub fn exit_code(r: &Report) -> i32 {
+    if r.verify_failures > 0 {
+        1
+    } else if r.connections_requested > 0 && r.connections_open_peak == 0 {
+        3
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
