@@ -1,1 +1,163 @@
-fn main() {}
+//! The `relay` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use relay::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A thread-per-core io_uring WebSocket relay.
+///
+/// With no arguments relay runs its embedded default configuration (listen on
+/// 127.0.0.1:8080, origin 127.0.0.1:9000, admin on 127.0.0.1:9090).
+#[derive(Parser, Debug)]
+#[command(name = "relay", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Configuration file (TOML). See relay.toml in the repository for every key.
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "origin"])]
+    config: Option<PathBuf>,
+
+    /// Quick mode: address to accept WebSocket upgrades on (repeatable).
+    #[arg(long, value_name = "ADDR", requires = "origin")]
+    listen: Vec<String>,
+
+    /// Quick mode: origin to relay every upgrade to (repeatable: one pool, round-robin).
+    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
+    origin: Vec<String>,
+
+    /// Admin listener (metrics, health) address, or "off"; overrides the config.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+
+    /// Worker threads ("auto" = one per allowed CPU); overrides the config.
+    #[arg(long, value_name = "N|auto")]
+    workers: Option<String>,
+
+    /// How relayed bytes move: copy, splice or auto; overrides the config.
+    #[arg(long, value_name = "MODE")]
+    data_path: Option<String>,
+
+    /// Per-worker connection limit; overrides the config.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+
+    /// Do not pin workers to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "relay=debug". Defaults to
+    /// $RELAY_LOG, then "info".
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a configuration file and print it fully resolved (defaults filled in).
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn load(cli: &Cli) -> Result<Config, String> {
+    let mut cfg = if let Some(path) = &cli.config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+    } else if !cli.listen.is_empty() {
+        Config::quick(&cli.listen, &cli.origin, cli.admin.as_deref()).map_err(|e| e.to_string())?
+    } else {
+        Config::embedded()
+    };
+    if let Some(a) = &cli.admin {
+        cfg.admin = match a.as_str() {
+            "off" => None,
+            a => Some(a.parse().map_err(|_| format!("--admin: {a:?} is not an address with a port"))?),
+        };
+    }
+    if let Some(w) = &cli.workers {
+        cfg.workers.count = match w.as_str() {
+            "auto" => None,
+            n => match n.parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => Some(n),
+                _ => return Err(format!("--workers: {n:?} is not \"auto\" or a number from 1 to 1024")),
+            },
+        };
+    }
+    if let Some(d) = &cli.data_path {
+        cfg.data_path = match d.as_str() {
+            "copy" => relay::config::DataPath::Copy,
+            "splice" => relay::config::DataPath::Splice,
+            "auto" => relay::config::DataPath::Auto,
+            other => return Err(format!("--data-path: {other:?} is not copy, splice or auto")),
+        };
+    }
+    if let Some(m) = cli.max_connections {
+        if m == 0 {
+            return Err("--max-connections: must be at least 1".into());
+        }
+        cfg.limits.max_connections = Some(m);
+    }
+    if cli.no_pin {
+        cfg.workers.pin = false;
+    }
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RELAY_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+
+    if let Some(Command::CheckConfig { file }) = &cli.command {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("relay: cannot read {}: {e}", file.display());
+                return ExitCode::from(2);
+            }
+        };
+        return match Config::from_toml(&text) {
+            Ok(c) => {
+                println!("# {}: valid; resolved configuration follows", file.display());
+                print!("{}", c.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("relay: {}: {e}", file.display());
+                ExitCode::from(2)
+            }
+        };
+    }
+
+    let cfg = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match relay::control::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,147 @@
+use super::*;
+
+const GOOD: &str = r#"
+data_path = "copy"
+[workers]
+count = 2
+pin = false
+[[listener]]
+address = "127.0.0.1:8080"
+[admin]
+address = "127.0.0.1:9090"
+[timeouts]
+handshake = "5s"
+idle = "1m"
+[limits]
+max_connections = 1000
+max_head_bytes = "8KiB"
+[[pool]]
+name = "chat"
+origins = ["127.0.0.1:9000", "127.0.0.1:9001"]
+balance = "least-connections"
+source_addresses = ["127.0.0.2", "127.0.0.3"]
+[[pool]]
+name = "api"
+origins = ["127.0.0.1:9100"]
+[[route]]
+host = "*.example.com"
+path = "/chat"
+pool = "chat"
+[[route]]
+host = "api.example.com"
+pool = "api"
+[[route]]
+pool = "api"
+"#;
+
+#[test]
+fn parses_a_full_config() {
+    let c = Config::from_toml(GOOD).unwrap();
+    assert_eq!(c.workers.count, Some(2));
+    assert_eq!(c.timeouts.handshake, Duration::from_secs(5));
+    assert_eq!(c.timeouts.origin_connect, Duration::from_secs(5));
+    assert_eq!(c.limits.max_head_bytes, 8192);
+    assert_eq!(c.pools[0].balance, Balance::LeastConnections);
+    assert_eq!(c.pools[0].source_addresses.len(), 2);
+    assert_eq!(c.routes[0].pool, 0);
+    assert_eq!(c.routes[1].pool, 1);
+}
+
+#[test]
+fn routes_first_match_wins() {
+    let c = Config::from_toml(GOOD).unwrap();
+    assert_eq!(c.route("a.example.com", "/chat/room"), Some(0));
+    assert_eq!(c.route("a.b.example.com", "/chat"), Some(0));
+    // The wildcard does not match the apex.
+    assert_eq!(c.route("example.com", "/chat"), Some(2));
+    assert_eq!(c.route("api.example.com", "/chat"), Some(0));
+    assert_eq!(c.route("api.example.com", "/v1"), Some(1));
+    assert_eq!(c.route("other.org", "/"), Some(2));
+}
+
+#[test]
+fn no_matching_route() {
+    let c = Config::from_toml(
+        r#"
+[[listener]]
+address = "127.0.0.1:1"
+[[pool]]
+name = "p"
+origins = ["127.0.0.1:2"]
+[[route]]
+host = "a.example"
+path = "/ws"
+pool = "p"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.route("a.example", "/other"), None);
+    assert_eq!(c.route("b.example", "/ws"), None);
+}
+
+fn err(text: &str) -> String {
+    Config::from_toml(text).unwrap_err().to_string()
+}
+
+#[test]
+fn errors_name_the_key() {
+    let base = GOOD.replace("pool = \"chat\"\n[[route]]", "pool = \"nope\"\n[[route]]");
+    let e = err(&base);
+    assert!(e.starts_with("route[0].pool: no pool named \"nope\""), "{e}");
+
+    let e = err(&GOOD.replace("idle = \"1m\"", "idle = \"soon\""));
+    assert!(e.starts_with("timeouts.idle: \"soon\" is not a duration"), "{e}");
+
+    let e = err(&GOOD.replace("\"127.0.0.1:8080\"", "\"localhost\""));
+    assert!(e.starts_with("listener[0].address:"), "{e}");
+
+    let e = err(&GOOD.replace("least-connections", "random"));
+    assert!(e.starts_with("pool[0].balance:"), "{e}");
+
+    let e = err(&GOOD.replace("\"127.0.0.2\"", "\"::1\""));
+    assert!(e.starts_with("pool[0].source_addresses[0]:"), "{e}");
+
+    let e = err(&GOOD.replace("count = 2", "count = 0"));
+    assert!(e.starts_with("workers.count:"), "{e}");
+
+    let e = err(&GOOD.replace("data_path = \"copy\"", "data_path = \"zero\""));
+    assert!(e.starts_with("data_path:"), "{e}");
+
+    let e = err(&GOOD.replace("host = \"api.example.com\"", "host = \"a b\""));
+    assert!(e.starts_with("route[1].host:"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_refused_by_name() {
+    let e = err(&GOOD.replace("[timeouts]", "[timeouts]\nhandshak = \"1s\""));
+    assert!(e.contains("handshak"), "{e}");
+}
+
+#[test]
+fn embedded_default_is_valid() {
+    let c = Config::embedded();
+    assert_eq!(c.listeners[0].address, "127.0.0.1:8080".parse().unwrap());
+}
+
+#[test]
+fn quick_mode() {
+    let c = Config::quick(&["127.0.0.1:8080".into()], &["127.0.0.1:9000".into()], None).unwrap();
+    assert_eq!(c.pools[0].origins.len(), 1);
+    assert_eq!(c.route("any", "/x"), Some(0));
+    let e = Config::quick(&["127.0.0.1:8080".into()], &["nowhere".into()], None).unwrap_err();
+    assert!(e.to_string().starts_with("pool[0].origins[0]:"), "{e}");
+}
+
+#[test]
+fn resolved_config_renders_and_reparses() {
+    let c = Config::from_toml(GOOD).unwrap();
+    let text = c.to_toml();
+    assert!(text.contains("least-connections"), "{text}");
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("k", "16KiB").unwrap(), 16384);
+    assert_eq!(parse_size("k", "2048").unwrap(), 2048);
+    assert!(parse_size("k", "12 parsecs").is_err());
+}

@@ -1,0 +1,179 @@
+//! The control plane: process start-up and shutdown, signals, the admin listener.
+//!
+//! [`run`] starts one worker thread per configured CPU, waits until each has its ring and
+//! listeners, then serves signals: SIGTERM or SIGINT starts a drain (workers stop accepting
+//! and let live connections finish up to `timeouts.drain`); a second one stops at once.
+//! Workers never block on the control plane: they read its flags once per tick.
+
+pub mod admin;
+pub mod stats;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::config::Config;
+use crate::reactor::sys;
+use crate::session::{run_worker, WorkerHandle, WorkerInit};
+use stats::WorkerStats;
+
+/// Flags the main thread raises for the workers.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// Stop accepting; finish live connections up to the drain timeout.
+    pub drain: AtomicBool,
+    /// Close everything now.
+    pub stop: AtomicBool,
+}
+
+/// Descriptors kept aside per process (admin listener, log, epoll of the signal thread...).
+const FD_RESERVE: u64 = 64;
+
+/// How many connections each worker may hold: the configured limit, or what the descriptor
+/// limit allows (two descriptors per relayed connection).
+pub fn connection_budget(cfg: &Config, workers: usize, nofile: u64) -> (usize, Option<String>) {
+    let per_conn = 2u64;
+    let listeners = (cfg.listeners.len() * workers) as u64;
+    let usable = nofile.saturating_sub(FD_RESERVE + listeners);
+    let auto = (usable / per_conn / workers as u64).max(1) as usize;
+    match cfg.limits.max_connections {
+        None => (auto, None),
+        Some(m) => {
+            let need = m as u64 * per_conn * workers as u64 + FD_RESERVE + listeners;
+            let warn = (need > nofile).then(|| {
+                format!(
+                    "RLIMIT_NOFILE is {nofile}, but {workers} workers x limits.max_connections {m} x 2 \
+                     descriptors needs {need}: connections past about {auto} per worker will fail \
+                     with EMFILE. Raise LimitNOFILE (systemd) / nofile (limits.conf), or lower \
+                     limits.max_connections"
+                )
+            });
+            (m as usize, warn)
+        }
+    }
+}
+
+/// Runs relay until it has drained after SIGTERM/SIGINT.
+pub fn run(cfg: Config) -> Result<(), String> {
+    sys::ignore_sigpipe();
+    let (nofile, hard) = sys::raise_nofile();
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let workers = cfg.workers.count.unwrap_or(cores.len()).max(1);
+    let (max_conns, warn) = connection_budget(&cfg, workers, nofile);
+    if let Some(w) = warn {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        workers,
+        nofile,
+        nofile_hard = hard,
+        max_connections_per_worker = max_conns,
+        data_path = ?cfg.data_path,
+        "starting relay"
+    );
+
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let cfg = Arc::new(cfg);
+    let control = Arc::new(Control::default());
+    let stats: Vec<Arc<WorkerStats>> = (0..workers).map(|_| Arc::default()).collect();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut handles = Vec::new();
+    for id in 0..workers {
+        let init = WorkerInit {
+            id,
+            cpu: if cfg.workers.pin && !cores.is_empty() {
+                Some(cores[id % cores.len()])
+            } else {
+                None
+            },
+            config: cfg.clone(),
+            stats: stats[id].clone(),
+            control: control.clone(),
+            max_connections: max_conns,
+        };
+        let tx = tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("relay-w{id}"))
+            .spawn(move || run_worker(init, tx))
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        handles.push(WorkerHandle { id, thread });
+    }
+    drop(tx);
+    let mut failure = None;
+    for _ in 0..workers {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(desc)) => tracing::info!("{desc}"),
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+            }
+            Err(_) => {
+                failure.get_or_insert("a worker did not start within 10 s".into());
+            }
+        }
+    }
+    let admin = match (&failure, cfg.admin) {
+        (None, Some(addr)) => match admin::start(addr, stats.clone(), cfg.clone()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                failure = Some(format!("cannot listen on admin.address {addr}: {e}"));
+                None
+            }
+        },
+        _ => None,
+    };
+    if let Some(e) = failure {
+        control.drain.store(true, Ordering::Release);
+        control.stop.store(true, Ordering::Release);
+        for h in handles {
+            let _ = h.thread.join();
+        }
+        return Err(e);
+    }
+    tracing::info!(
+        workers,
+        admin = cfg.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        "relay ready"
+    );
+
+    let mut draining_since: Option<Instant> = None;
+    loop {
+        for sig in signals.pending() {
+            match sig {
+                SIGHUP => tracing::warn!(
+                    "SIGHUP: live configuration reload is not supported by this build; \
+                     restart relay (with a second process sharing the ports) to change it"
+                ),
+                _ if draining_since.is_some() => {
+                    tracing::warn!("second stop signal: closing every connection now");
+                    control.stop.store(true, Ordering::Release);
+                }
+                _ => {
+                    tracing::info!(
+                        drain = ?cfg.timeouts.drain,
+                        "stop signal: draining (stop accepting, let connections finish)"
+                    );
+                    draining_since = Some(Instant::now());
+                    control.drain.store(true, Ordering::Release);
+                }
+            }
+        }
+        if handles.iter().all(|h| h.thread.is_finished()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for h in handles {
+        if h.thread.join().is_err() {
+            tracing::error!(worker = h.id, "worker thread panicked");
+        }
+    }
+    if let Some(a) = admin {
+        a.stop();
+    }
+    tracing::info!("relay stopped");
+    Ok(())
+}

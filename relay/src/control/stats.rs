@@ -1,0 +1,128 @@
+//! Per-worker counters.
+//!
+//! A worker counts into plain integers ([`Counters`]) on its data path and copies them into
+//! its own [`WorkerStats`] once per loop turn with relaxed stores. Each `WorkerStats` has one
+//! writer (its worker) and is read only at scrape time, so no cache line bounces between
+//! cores while connections move bytes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use crate::proto::Status;
+
+/// Why a connection ended, for counters and (later) access records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    ClientClosed,
+    OriginClosed,
+    ClientReset,
+    OriginReset,
+    IdleTimeout,
+    Refused,
+    Drain,
+}
+
+impl CloseCause {
+    pub const ALL: [CloseCause; 7] = [
+        CloseCause::ClientClosed,
+        CloseCause::OriginClosed,
+        CloseCause::ClientReset,
+        CloseCause::OriginReset,
+        CloseCause::IdleTimeout,
+        CloseCause::Refused,
+        CloseCause::Drain,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CloseCause::ClientClosed => "client_close",
+            CloseCause::OriginClosed => "origin_close",
+            CloseCause::ClientReset => "client_error",
+            CloseCause::OriginReset => "origin_error",
+            CloseCause::IdleTimeout => "timeout",
+            CloseCause::Refused => "refused",
+            CloseCause::Drain => "drain",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        CloseCause::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+}
+
+/// Plain counters owned by one worker thread.
+#[derive(Default, Clone, Debug)]
+pub struct Counters {
+    pub accepted: u64,
+    pub active: u64,
+    pub upgraded: u64,
+    pub refused: [u64; Status::ALL.len()],
+    pub closed: [u64; CloseCause::ALL.len()],
+    pub bytes_client_to_origin: u64,
+    pub bytes_origin_to_client: u64,
+    /// Sum over closed relayed connections of their lifetime, in milliseconds.
+    pub connection_ms: u64,
+    pub origin_connect_failures: u64,
+    pub accept_errors: u64,
+    pub enobufs: u64,
+    pub submitted: u64,
+    pub completed: u64,
+    pub cq_overflows: u64,
+    pub bufs_provided: u64,
+    pub bufs_checked_out: u64,
+    pub splices: u64,
+}
+
+macro_rules! atomic_mirror {
+    ($($f:ident),* ; $($arr:ident: $n:expr),*) => {
+        /// The published copy of a worker's [`Counters`].
+        #[derive(Default, Debug)]
+        pub struct WorkerStats {
+            pub ready: AtomicBool,
+            $(pub $f: AtomicU64,)*
+            $(pub $arr: [AtomicU64; $n],)*
+        }
+
+        impl WorkerStats {
+            pub fn publish(&self, c: &Counters) {
+                $(self.$f.store(c.$f, Relaxed);)*
+                $(for (a, v) in self.$arr.iter().zip(c.$arr.iter()) { a.store(*v, Relaxed); })*
+            }
+
+            pub fn snapshot(&self) -> Counters {
+                Counters {
+                    $($f: self.$f.load(Relaxed),)*
+                    $($arr: std::array::from_fn(|i| self.$arr[i].load(Relaxed)),)*
+                }
+            }
+        }
+    };
+}
+
+atomic_mirror!(
+    accepted, active, upgraded, bytes_client_to_origin, bytes_origin_to_client, connection_ms,
+    origin_connect_failures, accept_errors, enobufs, submitted, completed, cq_overflows,
+    bufs_provided, bufs_checked_out, splices;
+    refused: Status::ALL.len(), closed: CloseCause::ALL.len()
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_round_trips() {
+        let s = WorkerStats::default();
+        let c = Counters {
+            accepted: 3,
+            active: 2,
+            refused: [1, 0, 0, 0, 0, 0, 0, 0, 9],
+            bytes_client_to_origin: 1 << 40,
+            ..Counters::default()
+        };
+        s.publish(&c);
+        let d = s.snapshot();
+        assert_eq!(d.accepted, 3);
+        assert_eq!(d.refused[8], 9);
+        assert_eq!(d.bytes_client_to_origin, 1 << 40);
+    }
+}

@@ -1,0 +1,441 @@
+//! The reactor: one io_uring instance per worker thread, and the only home of `unsafe`.
+//!
+//! What it owns:
+//! - the ring (`SINGLE_ISSUER | DEFER_TASKRUN`, falling back to `COOP_TASKRUN`), created on
+//!   the worker thread that submits to it;
+//! - the provided-buffer ring that every receive draws from ([`bufring`]);
+//! - side storage for operations whose memory must outlive the submission: heap bytes being
+//!   sent and socket addresses being connected to. An op with side storage carries
+//!   [`KEEP_BIT`] in its `user_data`; its storage is released when its final completion is
+//!   reaped, and handed back to the caller (for a send: the bytes, so a short write can be
+//!   resumed).
+//!
+//! What must always hold:
+//! - every pointer placed in an SQE stays valid until that SQE's final completion: ring
+//!   buffers live as long as the reactor; heap bytes and addresses live in side storage;
+//! - the ring is dropped before the buffer ring (field order), so the kernel never writes into
+//!   unmapped buffer memory;
+//! - completions are reported exactly once, with the `user_data` the caller chose (minus
+//!   [`KEEP_BIT`]).
+//!
+//! The reactor knows nothing of sessions: the session layer decides what to submit and
+//! interprets completions through [`token::Token`].
+
+pub mod bufring;
+pub mod sys;
+pub mod timer;
+pub mod token;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use bufring::BufRing;
+
+/// Set in a `user_data` whose operation has side storage in the reactor.
+pub const KEEP_BIT: u64 = 1 << 63;
+
+/// Why the ring could not be created, in words an operator can act on.
+#[derive(Debug)]
+pub enum SetupError {
+    /// `EPERM`: io_uring is disabled for this process.
+    Disabled(io::Error),
+    /// `ENOSYS`: the kernel has no io_uring.
+    NotSupported(io::Error),
+    /// Anything else (memory, limits, a missing feature).
+    Other(io::Error),
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetupError::Disabled(e) => write!(
+                f,
+                "io_uring is not permitted for this process ({e}). Either the sysctl \
+                 kernel.io_uring_disabled is set (1 allows only members of \
+                 kernel.io_uring_group, 2 disables it for everyone: run \
+                 `sysctl -w kernel.io_uring_disabled=0`), or a seccomp filter (container \
+                 runtime default profile, systemd SystemCallFilter=) blocks io_uring_setup: \
+                 allow io_uring_setup, io_uring_enter and io_uring_register"
+            ),
+            SetupError::NotSupported(e) => write!(
+                f,
+                "this kernel has no io_uring ({e}): relay needs Linux 6.1 or newer built \
+                 with CONFIG_IO_URING=y"
+            ),
+            SetupError::Other(e) => write!(f, "io_uring setup failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+fn classify(e: io::Error) -> SetupError {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => SetupError::Disabled(e),
+        Some(libc::ENOSYS) => SetupError::NotSupported(e),
+        _ => SetupError::Other(e),
+    }
+}
+
+/// How the ring was set up, for the start-up log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingMode {
+    DeferTaskrun,
+    CoopTaskrun,
+    Plain,
+}
+
+/// Counters the worker exports.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct RingStats {
+    pub submitted: u64,
+    pub completed: u64,
+    /// Times the kernel reported completion-queue overflow.
+    pub cq_overflows: u64,
+}
+
+/// One completion, as the session layer sees it.
+#[derive(Debug)]
+pub struct Completion {
+    pub user_data: u64,
+    pub result: i32,
+    pub flags: u32,
+    /// For a send of heap bytes: the bytes, handed back.
+    pub bytes: Option<Vec<u8>>,
+}
+
+impl Completion {
+    /// More completions will follow for this (multishot) operation.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+
+    /// The provided buffer this completion filled, if any.
+    pub fn buffer(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+}
+
+enum Kept {
+    Bytes(Vec<u8>),
+    /// Read by the kernel during submission; held until the completion.
+    Addr(#[allow(dead_code)] Box<socket2::SockAddr>),
+}
+
+pub struct Reactor {
+    // Field order matters: `ring` is dropped before `bufs` (see module comment).
+    ring: IoUring,
+    bufs: BufRing,
+    kept: HashMap<u64, Kept>,
+    pub mode: RingMode,
+    pub stats: RingStats,
+}
+
+/// Ring sizing and buffer configuration.
+pub struct ReactorConfig {
+    pub sq_entries: u32,
+    pub cq_entries: u32,
+    pub buf_count: u16,
+    pub buf_size: u32,
+    /// Cap on io-wq workers (bounded, unbounded); 0 leaves the kernel default.
+    pub iowq_max: [u32; 2],
+}
+
+const BGID: u16 = 0;
+
+impl Reactor {
+    /// Creates the ring on the calling thread (it becomes the single issuer).
+    pub fn new(cfg: &ReactorConfig) -> Result<Reactor, SetupError> {
+        let attempts: [(RingMode, fn(&mut io_uring::Builder)); 3] = [
+            (RingMode::DeferTaskrun, |b| {
+                b.setup_single_issuer().setup_defer_taskrun();
+            }),
+            (RingMode::CoopTaskrun, |b| {
+                b.setup_coop_taskrun().setup_taskrun_flag();
+            }),
+            (RingMode::Plain, |_| {}),
+        ];
+        let mut last = None;
+        for (mode, setup) in attempts {
+            let mut b = IoUring::builder();
+            b.setup_cqsize(cfg.cq_entries).setup_submit_all();
+            setup(&mut b);
+            match b.build(cfg.sq_entries) {
+                Ok(ring) => {
+                    if cfg.iowq_max != [0, 0] {
+                        let mut m = cfg.iowq_max;
+                        // Best effort: older kernels lack it and keep their default.
+                        let _ = ring.submitter().register_iowq_max_workers(&mut m);
+                    }
+                    let bufs = BufRing::new(&ring, BGID, cfg.buf_count, cfg.buf_size)
+                        .map_err(SetupError::Other)?;
+                    return Ok(Reactor {
+                        ring,
+                        bufs,
+                        kept: HashMap::new(),
+                        mode,
+                        stats: RingStats::default(),
+                    });
+                }
+                Err(e) => {
+                    let fatal = matches!(
+                        e.raw_os_error(),
+                        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOSYS)
+                    );
+                    last = Some(e);
+                    if fatal {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(classify(last.expect("at least one attempt")))
+    }
+
+    pub fn bufs(&self) -> &BufRing {
+        &self.bufs
+    }
+
+    pub fn bufs_mut(&mut self) -> &mut BufRing {
+        &mut self.bufs
+    }
+
+    /// Bytes of a checked-out provided buffer.
+    pub fn buf(&self, bid: u16, len: usize) -> &[u8] {
+        self.bufs.slice(bid, len)
+    }
+
+    /// Records a completion's buffer as checked out (call once per completion carrying one).
+    pub fn take_buffer(&mut self, bid: u16) {
+        self.bufs.checked_out_by_kernel(bid);
+    }
+
+    pub fn recycle(&mut self, bid: u16) {
+        self.bufs.recycle(bid);
+    }
+
+    /// In-flight operations that hold side storage (for leak checks).
+    pub fn kept_len(&self) -> usize {
+        self.kept.len()
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry is built by a method below whose memory rules are stated
+            // there and in the module comment.
+            let pushed = unsafe { self.ring.submission().push(&entry).is_ok() };
+            if pushed {
+                return;
+            }
+            // Submission queue full: hand what we have to the kernel and try again.
+            match self.ring.submit() {
+                Ok(n) => self.stats.submitted += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // Completion queue backed up; the caller reaps after the next wait.
+                    self.stats.cq_overflows += 1;
+                    return self.push_after_busy(entry);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn push_after_busy(&mut self, entry: squeue::Entry) {
+        // Keep the entry rather than dropping it: wait until the SQ has room.
+        loop {
+            let _ = self.ring.submit_and_wait(0);
+            // SAFETY: as in `push`.
+            if unsafe { self.ring.submission().push(&entry).is_ok() } {
+                return;
+            }
+        }
+    }
+
+    fn keep(&mut self, user_data: u64, k: Kept) -> u64 {
+        let ud = user_data | KEEP_BIT;
+        let prev = self.kept.insert(ud, k);
+        debug_assert!(prev.is_none(), "two in-flight ops with one user_data");
+        ud
+    }
+
+    /// Multishot accept on a listening socket.
+    pub fn accept_multi(&mut self, fd: RawFd, user_data: u64) {
+        let e = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Multishot receive into the provided-buffer ring.
+    pub fn recv_multi(&mut self, fd: RawFd, user_data: u64) {
+        let e = opcode::RecvMulti::new(types::Fd(fd), BGID)
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// One receive into a buffer picked from the provided-buffer ring.
+    pub fn recv_once(&mut self, fd: RawFd, user_data: u64) {
+        let e = opcode::Recv::new(types::Fd(fd), std::ptr::null_mut(), self.bufs.buf_size())
+            .buf_group(BGID)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Sends `len` bytes of provided buffer `bid` from offset `off`.
+    pub fn send_buf(&mut self, fd: RawFd, bid: u16, off: usize, len: usize, user_data: u64) {
+        assert!(off + len <= self.bufs.buf_size() as usize);
+        // The buffer memory lives as long as the reactor (see bufring's module comment).
+        let p = self.bufs.ptr(bid, off);
+        let e = opcode::Send::new(types::Fd(fd), p, len as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Sends `data[off..]`; the bytes come back in the completion.
+    pub fn send_bytes(&mut self, fd: RawFd, data: Vec<u8>, off: usize, user_data: u64) {
+        assert!(off <= data.len());
+        let p = data[off..].as_ptr();
+        let len = (data.len() - off) as u32;
+        // The Vec's heap block does not move when the Vec is moved into side storage.
+        let ud = self.keep(user_data, Kept::Bytes(data));
+        let e = opcode::Send::new(types::Fd(fd), p, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
+    /// Connects `fd` to `addr`.
+    pub fn connect(&mut self, fd: RawFd, addr: std::net::SocketAddr, user_data: u64) {
+        let sa = Box::new(sys::sockaddr(addr));
+        let (p, len) = (sa.as_ptr(), sa.len());
+        let ud = self.keep(user_data, Kept::Addr(sa));
+        let e = opcode::Connect::new(types::Fd(fd), p as *const libc::sockaddr, len)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
+    /// Cancels every in-flight operation on `fd`.
+    pub fn cancel_fd(&mut self, fd: RawFd, user_data: u64) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Cancels the in-flight operation submitted with `target` (as passed by the caller).
+    pub fn cancel_op(&mut self, target: u64, user_data: u64) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// One-shot readiness poll (`POLLIN`/`POLLOUT`).
+    pub fn poll(&mut self, fd: RawFd, events: u32, user_data: u64) {
+        let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Non-blocking splice between a socket and a pipe.
+    pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, user_data: u64) {
+        let e = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
+            .flags(libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE)
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Submits queued entries and waits for at least one completion or `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        if !self.ring.completion().is_empty() {
+            return self.submit();
+        }
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(n) => {
+                self.stats.submitted += n as u64;
+                Ok(())
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::ETIME) | Some(libc::EINTR) => Ok(()),
+                Some(libc::EBUSY) => {
+                    self.stats.cq_overflows += 1;
+                    Ok(())
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Submits queued entries without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(n) => {
+                self.stats.submitted += n as u64;
+                Ok(())
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::EAGAIN) => Ok(()),
+                Some(libc::EBUSY) => {
+                    self.stats.cq_overflows += 1;
+                    Ok(())
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Moves every available completion into `out` (cleared first).
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.clear();
+        loop {
+            {
+                let mut cq = self.ring.completion();
+                for cqe in &mut cq {
+                    let mut ud = cqe.user_data();
+                    let flags = cqe.flags();
+                    let mut bytes = None;
+                    if ud & KEEP_BIT != 0 {
+                        // Side storage is released with the final completion only.
+                        if !cqueue::more(flags) {
+                            if let Some(Kept::Bytes(b)) = self.kept.remove(&ud) {
+                                bytes = Some(b);
+                            }
+                        }
+                        ud &= !KEEP_BIT;
+                    }
+                    out.push(Completion {
+                        user_data: ud,
+                        result: cqe.result(),
+                        flags,
+                        bytes,
+                    });
+                }
+            }
+            // With IORING_FEAT_NODROP the kernel holds overflowed completions and sets this
+            // flag; entering the kernel flushes them into the queue we just emptied.
+            if self.ring.submission().cq_overflow() {
+                self.stats.cq_overflows += 1;
+                let _ = self.submit();
+                continue;
+            }
+            break;
+        }
+        self.stats.completed += out.len() as u64;
+    }
+}

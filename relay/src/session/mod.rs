@@ -1,0 +1,277 @@
+//! Per-connection state machines and the worker loop that drives them.
+//!
+//! A session is one client connection and, once routed, its origin connection. It lives in
+//! the worker's slab; its slot index and generation form the tokens of every operation it
+//! submits. Life cycle (see `docs/architecture.md` for the walk-through):
+//!
+//! ```text
+//! accept ─▶ ClientHead ─(valid upgrade, route)─▶ Connecting ─▶ OriginHead ─(101)─▶ Relay
+//!              │ (bad request, no route)            │ (refused/timeout)  │ (other status)
+//!              ▼                                    ▼                    ▼
+//!          Responding ─▶ Lingering ─────────────▶ Closing ◀──────── Passthrough
+//! ```
+//!
+//! What must always hold:
+//! - `inflight` counts the session's submitted operations whose final completion has not been
+//!   seen (a multishot op counts once). The slot is freed only in `Closing` with
+//!   `inflight == 0`, so no completion can arrive for a freed slot; the generation check
+//!   on every completion is a second guard.
+//! - A provided buffer is owned by exactly one place: a flow's queue (until its send
+//!   completes and it is recycled) or the code handling its completion (which recycles it
+//!   before returning). Freeing a slot recycles whatever its queues still hold.
+//! - Each descriptor is closed exactly once, by `Worker::free`.
+//! - At most one send per direction is in flight, so bytes leave in the order they came.
+
+pub mod pool;
+mod worker;
+
+pub use worker::{run_worker, WorkerHandle, WorkerInit};
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+/// Where a session is in its life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the client's request head.
+    ClientHead,
+    /// Connecting to an origin.
+    Connecting,
+    /// Head sent (or being sent) to the origin; reading its answer.
+    OriginHead,
+    /// Upgraded: bytes move both ways.
+    Relay,
+    /// The origin answered with a status other than 101; relaying that answer, then closing.
+    Passthrough,
+    /// Sending relay's own error answer.
+    Responding,
+    /// Answer sent and write side shut; reading and discarding until the client closes, so
+    /// that closing does not reset the connection before the client read the answer.
+    Lingering,
+    /// Operations cancelled; waiting for their completions before the slot is freed.
+    Closing,
+}
+
+/// The state of a flow's receive operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvState {
+    Idle,
+    Armed,
+    /// A cancel was submitted (backpressure); the final completion has not arrived yet.
+    Cancelling,
+}
+
+/// Bytes of a provided buffer waiting to be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Chunk {
+    pub bid: u16,
+    pub off: u16,
+    pub len: u16,
+}
+
+const INLINE: usize = 8;
+
+/// A FIFO of chunks, inline for the common case (a few buffers in flight), spilling to the
+/// heap only if a burst of completions outruns the cancel that applies backpressure.
+#[derive(Debug, Default)]
+pub struct ChunkQueue {
+    inline: [Chunk; INLINE],
+    head: u8,
+    len: u8,
+    spill: Vec<Chunk>,
+}
+
+impl ChunkQueue {
+    pub fn len(&self) -> usize {
+        self.len as usize + self.spill.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, c: Chunk) {
+        if (self.len as usize) < INLINE && self.spill.is_empty() {
+            let i = (self.head as usize + self.len as usize) % INLINE;
+            self.inline[i] = c;
+            self.len += 1;
+        } else {
+            self.spill.push(c);
+        }
+    }
+
+    pub fn front_mut(&mut self) -> Option<&mut Chunk> {
+        if self.len > 0 {
+            Some(&mut self.inline[self.head as usize])
+        } else {
+            None
+        }
+    }
+
+    pub fn pop(&mut self) -> Option<Chunk> {
+        if self.len == 0 {
+            return None;
+        }
+        let c = self.inline[self.head as usize];
+        self.head = ((self.head as usize + 1) % INLINE) as u8;
+        self.len -= 1;
+        // Refill the inline ring from the spill, keeping order.
+        if !self.spill.is_empty() && (self.len as usize) < INLINE {
+            let next = self.spill.remove(0);
+            let i = (self.head as usize + self.len as usize) % INLINE;
+            self.inline[i] = next;
+            self.len += 1;
+            if self.spill.is_empty() {
+                self.spill = Vec::new();
+            }
+        }
+        Some(c)
+    }
+}
+
+/// One direction of a relayed connection: bytes received from one socket, sent to the other.
+#[derive(Debug)]
+pub struct Flow {
+    pub recv: RecvState,
+    /// The source sent FIN.
+    pub eof: bool,
+    /// We shut down the destination's write side (after forwarding everything).
+    pub shut: bool,
+    /// A send to the destination is in flight.
+    pub sending: bool,
+    pub queue: ChunkQueue,
+}
+
+impl Flow {
+    fn new() -> Flow {
+        Flow {
+            recv: RecvState::Idle,
+            eof: false,
+            shut: false,
+            sending: false,
+            queue: ChunkQueue::default(),
+        }
+    }
+
+    /// Nothing left to forward in this direction and its end has been passed on.
+    pub fn finished(&self) -> bool {
+        self.eof && self.shut && !self.sending && self.queue.is_empty()
+    }
+}
+
+/// Which way bytes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// Client → origin.
+    Up,
+    /// Origin → client.
+    Down,
+}
+
+/// State that exists only while the handshake runs (boxed, dropped once relaying starts).
+#[derive(Debug, Default)]
+pub struct Handshake {
+    /// Head bytes received so far when they did not arrive in one buffer.
+    pub buf: Vec<u8>,
+    /// The `Sec-WebSocket-Accept` the origin must answer with.
+    pub accept: String,
+    /// The rewritten head, waiting for the origin connection.
+    pub origin_head: Option<Vec<u8>>,
+    pub tried: pool::Tried,
+    /// The connect was cancelled by its timeout.
+    pub connect_timed_out: bool,
+    /// Passthrough: body bytes still to forward (`None` = until the origin closes).
+    pub remaining: Option<u64>,
+}
+
+/// One client connection and its origin connection.
+#[derive(Debug)]
+pub struct Session {
+    pub gen: u32,
+    pub phase: Phase,
+    pub client: RawFd,
+    /// `-1` until an origin socket exists.
+    pub origin: RawFd,
+    pub inflight: u32,
+    /// Tick of this session's live timer-wheel entry.
+    pub timer_at: u32,
+    /// Tick at which the current phase began.
+    pub phase_since: u32,
+    pub last_active: u32,
+    pub opened: u32,
+    pub route: u16,
+    /// Index of the origin in its pool, once connected (`u16::MAX` before).
+    pub origin_idx: u16,
+    pub up: Flow,
+    pub down: Flow,
+    pub hs: Option<Box<Handshake>>,
+    pub peer: SocketAddr,
+    /// The direction that ended first (for the close cause).
+    pub first_end: Option<Dir>,
+}
+
+impl Session {
+    pub fn flow(&self, d: Dir) -> &Flow {
+        match d {
+            Dir::Up => &self.up,
+            Dir::Down => &self.down,
+        }
+    }
+
+    pub fn flow_mut(&mut self, d: Dir) -> &mut Flow {
+        match d {
+            Dir::Up => &mut self.up,
+            Dir::Down => &mut self.down,
+        }
+    }
+
+    /// The socket a direction reads from.
+    pub fn src(&self, d: Dir) -> RawFd {
+        match d {
+            Dir::Up => self.client,
+            Dir::Down => self.origin,
+        }
+    }
+
+    /// The socket a direction writes to.
+    pub fn dst(&self, d: Dir) -> RawFd {
+        match d {
+            Dir::Up => self.origin,
+            Dir::Down => self.client,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(bid: u16) -> Chunk {
+        Chunk { bid, off: 0, len: 1 }
+    }
+
+    #[test]
+    fn queue_keeps_order_through_spill() {
+        let mut q = ChunkQueue::default();
+        for i in 0..20 {
+            q.push(c(i));
+        }
+        assert_eq!(q.len(), 20);
+        let mut out = Vec::new();
+        for i in 20..25 {
+            out.push(q.pop().unwrap().bid);
+            q.push(c(i));
+        }
+        while let Some(x) = q.pop() {
+            out.push(x.bid);
+        }
+        assert_eq!(out, (0..25).collect::<Vec<_>>());
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn session_stays_small() {
+        // An idle relayed connection's user-space cost is this struct plus its slab slot.
+        assert!(std::mem::size_of::<Session>() <= 256, "{}", std::mem::size_of::<Session>());
+    }
+}

@@ -1,0 +1,1114 @@
+//! The worker: one thread, one ring, one slab of sessions, one timer wheel.
+//!
+//! `run_worker` sets the thread up (CPU pinning, ring, `SO_REUSEPORT` listeners), reports
+//! readiness, then loops: wait for completions (or the next 100 ms tick), dispatch each to
+//! its session by token, fire due timers, re-arm receives that ran out of buffers, publish
+//! counters. Every handler below is a step of the life cycle described in `session/mod.rs`.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::pool::PoolState;
+use super::{Chunk, Dir, Flow, Phase, RecvState, Session};
+use crate::config::Config;
+use crate::control::stats::{CloseCause, Counters, WorkerStats};
+use crate::control::Control;
+use crate::proto::http::{self, Answer, Forwarding, Reject, Status};
+use crate::reactor::timer::{TimerEntry, TimerWheel};
+use crate::reactor::token::{Op, Token, GEN_MASK};
+use crate::reactor::{sys, Completion, Reactor, ReactorConfig};
+
+/// Timer resolution.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long relay keeps reading (and discarding) after its own error answer.
+const LINGER_TICKS: u32 = 20;
+/// A flow stops receiving once this many buffers wait to be sent (backpressure).
+const HIGH_WATER: usize = 4;
+
+fn ticks(d: Duration) -> u32 {
+    d.as_millis().div_ceil(TICK.as_millis()).max(1) as u32
+}
+
+/// What a worker thread needs to start.
+pub struct WorkerInit {
+    pub id: usize,
+    pub cpu: Option<core_affinity::CoreId>,
+    pub config: Arc<Config>,
+    pub stats: Arc<WorkerStats>,
+    pub control: Arc<Control>,
+    pub max_connections: usize,
+}
+
+/// What the main thread keeps of a worker.
+pub struct WorkerHandle {
+    pub id: usize,
+    pub thread: std::thread::JoinHandle<()>,
+}
+
+struct Worker {
+    id: usize,
+    cfg: Arc<Config>,
+    reactor: Reactor,
+    sessions: Slab<Session>,
+    next_gen: u32,
+    listeners: Vec<RawFd>,
+    accept_retry: Option<u32>,
+    wheel: TimerWheel,
+    pools: Vec<PoolState>,
+    counters: Counters,
+    stats: Arc<WorkerStats>,
+    control: Arc<Control>,
+    epoch: Instant,
+    now: u32,
+    starved: Vec<(u32, u32, Dir)>,
+    max_connections: usize,
+    draining: Option<u32>,
+    t_handshake: u32,
+    t_connect: u32,
+    t_origin: u32,
+    t_idle: u32,
+    t_half: u32,
+}
+
+/// Runs a worker on the calling thread until it has drained. Sends `Ok(description)` once
+/// listening, or `Err(reason)` if setup failed.
+pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<String, String>>) {
+    let mut pinned = None;
+    if let Some(core) = init.cpu {
+        if core_affinity::set_for_current(core) {
+            pinned = Some(core.id);
+        }
+    }
+    let cfg = init.config.clone();
+    let rc = ReactorConfig {
+        sq_entries: 4096,
+        cq_entries: 16384,
+        buf_count: cfg.buffers.count,
+        buf_size: cfg.buffers.size,
+        iowq_max: [2, 2],
+    };
+    let reactor = match Reactor::new(&rc) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let mut listeners = Vec::new();
+    for l in &cfg.listeners {
+        match sys::listen_reuseport(l.address, l.backlog as i32) {
+            Ok(fd) => listeners.push(fd),
+            Err(e) => {
+                for fd in listeners {
+                    sys::close(fd);
+                }
+                let _ = ready.send(Err(format!("cannot listen on {}: {e}", l.address)));
+                return;
+            }
+        }
+    }
+    let t = &cfg.timeouts;
+    let mut w = Worker {
+        id: init.id,
+        reactor,
+        sessions: Slab::with_capacity(init.max_connections.min(1 << 20)),
+        next_gen: 1,
+        listeners,
+        accept_retry: None,
+        wheel: TimerWheel::new(1024, 0),
+        pools: cfg.pools.iter().map(PoolState::new).collect(),
+        counters: Counters::default(),
+        stats: init.stats,
+        control: init.control,
+        epoch: Instant::now(),
+        now: 0,
+        starved: Vec::new(),
+        max_connections: init.max_connections,
+        draining: None,
+        t_handshake: ticks(t.handshake),
+        t_connect: ticks(t.origin_connect),
+        t_origin: ticks(t.origin_handshake),
+        t_idle: ticks(t.idle),
+        t_half: ticks(t.half_closed),
+        cfg,
+    };
+    for i in 0..w.listeners.len() {
+        w.arm_accept(i);
+    }
+    let addrs: Vec<String> = w.cfg.listeners.iter().map(|l| l.address.to_string()).collect();
+    let desc = format!(
+        "worker {} on cpu {} listening on {} (ring {:?}, {} x {} B receive buffers, max {} connections)",
+        w.id,
+        pinned.map(|c| c.to_string()).unwrap_or_else(|| "any".into()),
+        addrs.join(", "),
+        w.reactor.mode,
+        w.cfg.buffers.count,
+        w.cfg.buffers.size,
+        w.max_connections
+    );
+    w.stats.ready.store(true, Ordering::Release);
+    let _ = ready.send(Ok(desc));
+    w.run();
+}
+
+impl Worker {
+    fn tok(&self, op: Op, slot: usize) -> u64 {
+        Token::new(op, slot as u32, self.sessions[slot].gen).encode()
+    }
+
+    fn arm_accept(&mut self, i: usize) {
+        let ud = Token::new(Op::Accept, i as u32, 0).encode();
+        self.reactor.accept_multi(self.listeners[i], ud);
+    }
+
+    fn run(&mut self) {
+        let mut cqes = Vec::with_capacity(4096);
+        let mut due: Vec<TimerEntry> = Vec::new();
+        loop {
+            let elapsed = self.epoch.elapsed();
+            let next = TICK * (self.now + 1);
+            let wait = next.saturating_sub(elapsed).max(Duration::from_micros(100));
+            if let Err(e) = self.reactor.wait(wait) {
+                tracing::error!(worker = self.id, "io_uring_enter failed: {e}");
+                break;
+            }
+            self.reactor.reap(&mut cqes);
+            for c in cqes.drain(..) {
+                self.on_completion(c);
+            }
+            let tick = (self.epoch.elapsed().as_millis() / TICK.as_millis()) as u32;
+            if tick != self.now {
+                self.now = tick;
+                self.wheel.advance(tick, &mut due);
+                for e in due.drain(..) {
+                    self.on_timer(e);
+                }
+                self.on_tick();
+            }
+            self.rearm_starved();
+            self.publish();
+            if self.draining.is_some() && self.sessions.is_empty() {
+                break;
+            }
+        }
+        self.teardown();
+    }
+
+    fn publish(&mut self) {
+        let c = &mut self.counters;
+        c.submitted = self.reactor.stats.submitted;
+        c.completed = self.reactor.stats.completed;
+        c.cq_overflows = self.reactor.stats.cq_overflows;
+        c.bufs_provided = self.reactor.bufs().provided() as u64;
+        c.bufs_checked_out = self.reactor.bufs().checked_out() as u64;
+        c.active = self.sessions.len() as u64;
+        self.stats.publish(c);
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(at) = self.accept_retry {
+            if at <= self.now && self.draining.is_none() {
+                self.accept_retry = None;
+                for i in 0..self.listeners.len() {
+                    self.arm_accept(i);
+                }
+            }
+        }
+        let drain = self.control.drain.load(Ordering::Acquire);
+        if drain && self.draining.is_none() {
+            self.start_drain();
+        }
+        let stop_now = self.control.stop.load(Ordering::Acquire);
+        if let Some(deadline) = self.draining {
+            if stop_now || self.now >= deadline {
+                let slots: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+                for slot in slots {
+                    self.begin_close(slot, CloseCause::Drain);
+                    self.maybe_free(slot);
+                }
+            }
+        }
+    }
+
+    fn start_drain(&mut self) {
+        self.draining = Some(self.now + ticks(self.cfg.timeouts.drain));
+        tracing::info!(
+            worker = self.id,
+            active = self.sessions.len(),
+            "draining: listeners closed, waiting for live connections"
+        );
+        for &fd in &self.listeners {
+            self.reactor.cancel_fd(fd, Token::new(Op::Wake, 0, 0).encode());
+        }
+        let _ = self.reactor.submit();
+        for fd in std::mem::take(&mut self.listeners) {
+            sys::close(fd);
+        }
+    }
+
+    fn teardown(&mut self) {
+        for fd in std::mem::take(&mut self.listeners) {
+            sys::close(fd);
+        }
+        let slots: Vec<usize> = self.sessions.iter().map(|(k, _)| k).collect();
+        for slot in slots {
+            self.free(slot);
+        }
+        self.publish();
+        tracing::info!(worker = self.id, "worker stopped");
+    }
+
+    // ---- completions -------------------------------------------------------------------
+
+    fn on_completion(&mut self, c: Completion) {
+        let Some(tok) = Token::decode(c.user_data) else {
+            return;
+        };
+        if let Some(bid) = c.buffer() {
+            self.reactor.take_buffer(bid);
+        }
+        match tok.op {
+            Op::Accept => self.on_accept(tok.slot as usize, &c),
+            Op::Wake => {}
+            op => {
+                let slot = tok.slot as usize;
+                match self.sessions.get_mut(slot) {
+                    Some(s) if s.gen == tok.gen => {
+                        if !c.more() {
+                            s.inflight -= 1;
+                        }
+                    }
+                    _ => {
+                        // A completion for a slot that has moved on: only its buffer matters.
+                        if let Some(bid) = c.buffer() {
+                            self.reactor.recycle(bid);
+                        }
+                        return;
+                    }
+                }
+                match op {
+                    Op::ClientRecv => self.on_recv(slot, Dir::Up, &c),
+                    Op::OriginRecv => self.on_recv(slot, Dir::Down, &c),
+                    Op::OriginSend => self.on_sent(slot, Dir::Up, c),
+                    Op::ClientSend => self.on_sent(slot, Dir::Down, c),
+                    Op::Connect => self.on_connect(slot, &c),
+                    _ => {}
+                }
+                self.maybe_free(slot);
+            }
+        }
+    }
+
+    fn on_accept(&mut self, li: usize, c: &Completion) {
+        if !c.more() && self.draining.is_none() && li < self.listeners.len() {
+            if matches!(-c.result, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+                // Out of descriptors or memory: try again next tick rather than spin.
+                self.accept_retry = Some(self.now + 1);
+            } else if c.result != -libc::ECANCELED {
+                self.arm_accept(li);
+            }
+        }
+        if c.result < 0 {
+            if c.result != -libc::ECANCELED {
+                self.counters.accept_errors += 1;
+                if self.counters.accept_errors.is_power_of_two() {
+                    tracing::warn!(
+                        worker = self.id,
+                        errors = self.counters.accept_errors,
+                        "accept failed: {}",
+                        std::io::Error::from_raw_os_error(-c.result)
+                    );
+                }
+            }
+            return;
+        }
+        let fd = c.result;
+        if self.draining.is_some() {
+            sys::close(fd);
+            return;
+        }
+        self.counters.accepted += 1;
+        let peer = sys::peer_addr(fd)
+            .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
+        let _ = sys::set_nodelay(fd);
+        let gen = self.next_gen;
+        self.next_gen = (self.next_gen + 1) & GEN_MASK;
+        let slot = self.sessions.insert(Session {
+            gen,
+            phase: Phase::ClientHead,
+            client: fd,
+            origin: -1,
+            inflight: 0,
+            timer_at: 0,
+            phase_since: self.now,
+            last_active: self.now,
+            opened: self.now,
+            route: 0,
+            origin_idx: u16::MAX,
+            up: Flow::new(),
+            down: Flow::new(),
+            hs: None,
+            peer,
+            first_end: None,
+        });
+        if self.sessions.len() > self.max_connections {
+            self.respond(
+                slot,
+                Reject {
+                    status: Status::ServiceUnavailable,
+                    reason: "relay is at its connection limit",
+                },
+            );
+            return;
+        }
+        self.arm_recv_once(slot, Dir::Up);
+        self.arm_timer(slot);
+    }
+
+    fn arm_recv_once(&mut self, slot: usize, dir: Dir) {
+        let op = if dir == Dir::Up { Op::ClientRecv } else { Op::OriginRecv };
+        let ud = self.tok(op, slot);
+        let s = &mut self.sessions[slot];
+        self.reactor.recv_once(s.src(dir), ud);
+        s.flow_mut(dir).recv = RecvState::Armed;
+        s.inflight += 1;
+    }
+
+    fn arm_recv_multi(&mut self, slot: usize, dir: Dir) {
+        let op = if dir == Dir::Up { Op::ClientRecv } else { Op::OriginRecv };
+        let ud = self.tok(op, slot);
+        let s = &mut self.sessions[slot];
+        self.reactor.recv_multi(s.src(dir), ud);
+        s.flow_mut(dir).recv = RecvState::Armed;
+        s.inflight += 1;
+    }
+
+    fn on_recv(&mut self, slot: usize, dir: Dir, c: &Completion) {
+        let more = c.more();
+        let s = &mut self.sessions[slot];
+        if !more {
+            s.flow_mut(dir).recv = RecvState::Idle;
+        }
+        let phase = s.phase;
+        let bid = c.buffer();
+        match (phase, dir) {
+            (Phase::ClientHead, Dir::Up) => self.client_head(slot, c.result, bid),
+            (Phase::OriginHead, Dir::Down) => self.origin_head(slot, c.result, bid),
+            (Phase::Relay, _) | (Phase::Passthrough, Dir::Down) => {
+                self.flow_recv(slot, dir, c.result, bid, more)
+            }
+            (Phase::Lingering, Dir::Up) => {
+                if let Some(b) = bid {
+                    self.reactor.recycle(b);
+                }
+                if c.result > 0 {
+                    if !more {
+                        self.arm_recv_multi(slot, Dir::Up);
+                    }
+                } else if !more {
+                    self.begin_close(slot, CloseCause::Refused);
+                }
+            }
+            _ => {
+                if let Some(b) = bid {
+                    self.reactor.recycle(b);
+                }
+                // The client left while relay was still talking to the origin.
+                if c.result == 0 && dir == Dir::Up && phase != Phase::Closing {
+                    self.begin_close(slot, CloseCause::ClientClosed);
+                }
+            }
+        }
+    }
+
+    fn starve(&mut self, slot: usize, dir: Dir) {
+        self.counters.enobufs += 1;
+        let gen = self.sessions[slot].gen;
+        self.starved.push((slot as u32, gen, dir));
+    }
+
+    fn rearm_starved(&mut self) {
+        if self.starved.is_empty() || self.reactor.bufs().available() == 0 {
+            return;
+        }
+        for (slot, gen, dir) in std::mem::take(&mut self.starved) {
+            let slot = slot as usize;
+            let Some(s) = self.sessions.get(slot) else { continue };
+            if s.gen != gen || s.flow(dir).recv != RecvState::Idle {
+                continue;
+            }
+            match s.phase {
+                Phase::ClientHead | Phase::OriginHead => self.arm_recv_once(slot, dir),
+                Phase::Relay | Phase::Passthrough | Phase::Lingering => {
+                    if !s.flow(dir).eof {
+                        self.arm_recv_multi(slot, dir)
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn client_head(&mut self, slot: usize, res: i32, bid: Option<u16>) {
+        if res <= 0 {
+            if let Some(b) = bid {
+                self.reactor.recycle(b);
+            }
+            if res == -libc::ENOBUFS {
+                self.starve(slot, Dir::Up);
+            } else {
+                // Closed or reset before a complete head: nothing to answer.
+                self.begin_close(slot, CloseCause::ClientClosed);
+            }
+            return;
+        }
+        let bid = bid.expect("a receive with data carries a buffer");
+        let max = self.cfg.limits.max_head_bytes as usize;
+        let s = &mut self.sessions[slot];
+        let fwd = Forwarding {
+            peer: s.peer,
+            proto: "http",
+        };
+        let hs = s.hs.get_or_insert_with(Box::default);
+        let data = self.reactor.buf(bid, res as usize);
+        // Parse straight from the ring buffer when the head arrived in one piece.
+        let parsed = if hs.buf.is_empty() {
+            match http::parse_upgrade(data, max, fwd) {
+                Ok(None) => {
+                    hs.buf.extend_from_slice(data);
+                    Ok(None)
+                }
+                r => r,
+            }
+        } else {
+            hs.buf.extend_from_slice(data);
+            http::parse_upgrade(&hs.buf, max, fwd)
+        };
+        self.reactor.recycle(bid);
+        match parsed {
+            Ok(None) => self.arm_recv_once(slot, Dir::Up),
+            Err(r) => self.respond(slot, r),
+            Ok(Some(up)) => match self.cfg.route(&up.host, &up.path) {
+                None => self.respond(
+                    slot,
+                    Reject {
+                        status: Status::NotFound,
+                        reason: "no route for this host and path",
+                    },
+                ),
+                Some(r) => {
+                    let s = &mut self.sessions[slot];
+                    s.route = r as u16;
+                    let hs = s.hs.as_mut().expect("handshake state");
+                    hs.accept = up.accept;
+                    hs.origin_head = Some(up.origin_head);
+                    hs.buf = Vec::new();
+                    self.connect_next(slot);
+                }
+            },
+        }
+    }
+
+    fn connect_next(&mut self, slot: usize) {
+        let cfg = self.cfg.clone();
+        let now = self.now;
+        let s = &mut self.sessions[slot];
+        let pool_idx = cfg.routes[s.route as usize].pool;
+        let pool = &cfg.pools[pool_idx];
+        let ps = &mut self.pools[pool_idx];
+        let hs = s.hs.as_mut().expect("handshake state");
+        let Some(i) = ps.pick(pool, now, hs.tried) else {
+            let r = if hs.tried.count() == 0 {
+                Reject {
+                    status: Status::ServiceUnavailable,
+                    reason: "no healthy origin for this route",
+                }
+            } else {
+                Reject {
+                    status: Status::BadGateway,
+                    reason: "origin refused the connection",
+                }
+            };
+            self.respond(slot, r);
+            return;
+        };
+        hs.tried.add(i);
+        let addr = pool.origins[i];
+        match sys::origin_socket(addr, ps.source(pool)) {
+            Err(e) => {
+                tracing::warn!(worker = self.id, %addr, "cannot open origin socket: {e}");
+                self.respond(
+                    slot,
+                    Reject {
+                        status: Status::ServiceUnavailable,
+                        reason: "relay cannot open a connection to the origin",
+                    },
+                );
+            }
+            Ok(fd) => {
+                ps.acquire(i);
+                s.origin = fd;
+                s.origin_idx = i as u16;
+                s.phase = Phase::Connecting;
+                s.phase_since = now;
+                s.inflight += 1;
+                let ud = self.tok(Op::Connect, slot);
+                self.reactor.connect(fd, addr, ud);
+                self.arm_timer(slot);
+            }
+        }
+    }
+
+    fn on_connect(&mut self, slot: usize, c: &Completion) {
+        let now = self.now;
+        let send_ud = self.tok(Op::OriginSend, slot);
+        let s = &mut self.sessions[slot];
+        if s.phase != Phase::Connecting {
+            return;
+        }
+        if c.result == 0 {
+            let head = s
+                .hs
+                .as_mut()
+                .and_then(|h| h.origin_head.take())
+                .expect("origin head waits for the connection");
+            s.phase = Phase::OriginHead;
+            s.phase_since = now;
+            s.up.sending = true;
+            s.inflight += 1;
+            self.reactor.send_bytes(s.origin, head, 0, send_ud);
+            self.arm_recv_once(slot, Dir::Down);
+            self.arm_timer(slot);
+            return;
+        }
+        // This origin failed: close its socket and try the next one.
+        self.counters.origin_connect_failures += 1;
+        let pool_idx = self.cfg.routes[s.route as usize].pool;
+        let i = s.origin_idx as usize;
+        sys::close(s.origin);
+        s.origin = -1;
+        s.origin_idx = u16::MAX;
+        self.pools[pool_idx].release(i);
+        let timed_out = s.hs.as_ref().is_some_and(|h| h.connect_timed_out);
+        if timed_out {
+            self.respond(
+                slot,
+                Reject {
+                    status: Status::GatewayTimeout,
+                    reason: "origin did not accept the connection in time",
+                },
+            );
+            return;
+        }
+        let down = ticks(self.cfg.pools[pool_idx].down_time);
+        self.pools[pool_idx].mark_down(i, now + down);
+        tracing::debug!(
+            worker = self.id,
+            origin = %self.cfg.pools[pool_idx].origins[i],
+            "origin connect failed: {}",
+            std::io::Error::from_raw_os_error(-c.result)
+        );
+        self.connect_next(slot);
+    }
+
+    fn origin_head(&mut self, slot: usize, res: i32, bid: Option<u16>) {
+        if res <= 0 {
+            if let Some(b) = bid {
+                self.reactor.recycle(b);
+            }
+            if res == -libc::ENOBUFS {
+                self.starve(slot, Dir::Down);
+            } else {
+                self.respond(
+                    slot,
+                    Reject {
+                        status: Status::BadGateway,
+                        reason: "origin closed the connection without answering",
+                    },
+                );
+            }
+            return;
+        }
+        let bid = bid.expect("a receive with data carries a buffer");
+        let n = res as usize;
+        let max = self.cfg.limits.max_head_bytes as usize;
+        let s = &mut self.sessions[slot];
+        let hs = s.hs.as_mut().expect("handshake state");
+        let data = self.reactor.buf(bid, n);
+        let in_place = hs.buf.is_empty();
+        let parsed = if in_place {
+            http::parse_answer(data, max, &hs.accept)
+        } else {
+            hs.buf.extend_from_slice(data);
+            http::parse_answer(&hs.buf, max, &hs.accept)
+        };
+        let head = match parsed {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                if in_place {
+                    hs.buf.extend_from_slice(data);
+                }
+                self.reactor.recycle(bid);
+                self.arm_recv_once(slot, Dir::Down);
+                return;
+            }
+            Err(r) => {
+                self.reactor.recycle(bid);
+                self.respond(slot, r);
+                return;
+            }
+        };
+        // Bytes to forward: the head, plus whatever followed it (a first frame, or body).
+        let total = if in_place { n } else { hs.buf.len() };
+        let mut send_len = total;
+        match head.answer {
+            Answer::Switching => {
+                self.counters.upgraded += 1;
+                s.phase = Phase::Relay;
+            }
+            Answer::Other { body_len, .. } => {
+                let body = (total - head.head_len) as u64;
+                if let Some(len) = body_len {
+                    send_len = head.head_len + body.min(len) as usize;
+                }
+                let remaining = body_len.map(|l| l.saturating_sub(body));
+                hs.remaining = remaining;
+                s.phase = Phase::Passthrough;
+                if remaining == Some(0) {
+                    s.down.eof = true;
+                }
+            }
+        }
+        s.phase_since = self.now;
+        s.last_active = self.now;
+        self.counters.bytes_origin_to_client += (send_len - head.head_len) as u64;
+        let client_send = Token::new(Op::ClientSend, slot as u32, s.gen).encode();
+        if in_place {
+            // Zero copy: the 101 (and any frame behind it) goes out of the ring buffer.
+            s.down.queue.push(Chunk {
+                bid,
+                off: 0,
+                len: send_len as u16,
+            });
+            self.start_send(slot, Dir::Down);
+        } else {
+            self.reactor.recycle(bid);
+            let mut bytes = std::mem::take(&mut hs.buf);
+            bytes.truncate(send_len);
+            s.down.sending = true;
+            s.inflight += 1;
+            self.reactor.send_bytes(s.client, bytes, 0, client_send);
+        }
+        let s = &mut self.sessions[slot];
+        if s.phase == Phase::Relay {
+            s.hs = None;
+            self.arm_recv_multi(slot, Dir::Up);
+            self.arm_recv_multi(slot, Dir::Down);
+        } else if !s.down.eof {
+            self.arm_recv_multi(slot, Dir::Down);
+        }
+        self.arm_timer(slot);
+    }
+
+    fn flow_recv(&mut self, slot: usize, dir: Dir, res: i32, bid: Option<u16>, more: bool) {
+        let now = self.now;
+        let s = &mut self.sessions[slot];
+        if res > 0 {
+            let bid = bid.expect("a receive with data carries a buffer");
+            let mut n = res as u64;
+            if s.phase == Phase::Passthrough {
+                let hs = s.hs.as_mut().expect("passthrough keeps its state");
+                if let Some(r) = hs.remaining {
+                    n = n.min(r);
+                    hs.remaining = Some(r - n);
+                    if r == n {
+                        s.down.eof = true;
+                    }
+                }
+            }
+            if n == 0 {
+                self.reactor.recycle(bid);
+            } else {
+                s.last_active = now;
+                match dir {
+                    Dir::Up => self.counters.bytes_client_to_origin += n,
+                    Dir::Down => self.counters.bytes_origin_to_client += n,
+                }
+                let f = s.flow_mut(dir);
+                f.queue.push(Chunk {
+                    bid,
+                    off: 0,
+                    len: n as u16,
+                });
+                if !f.sending {
+                    self.start_send(slot, dir);
+                }
+            }
+            let recv_op = if dir == Dir::Up { Op::ClientRecv } else { Op::OriginRecv };
+            let target = self.tok(recv_op, slot);
+            let cancel = self.tok(Op::Cancel, slot);
+            let s = &mut self.sessions[slot];
+            let f = s.flow_mut(dir);
+            if f.recv == RecvState::Armed && f.queue.len() >= HIGH_WATER {
+                // Backpressure: the destination is slower than the source. Stop reading;
+                // the kernel's receive window then pushes back on the sender.
+                f.recv = RecvState::Cancelling;
+                s.inflight += 1;
+                self.reactor.cancel_op(target, cancel);
+            } else if !more && f.recv == RecvState::Idle && !f.eof && f.queue.len() < HIGH_WATER {
+                self.arm_recv_multi(slot, dir);
+            }
+            let s = &self.sessions[slot];
+            if s.phase == Phase::Passthrough && s.down.eof && !s.down.sending && s.down.queue.is_empty() {
+                self.finish_passthrough(slot);
+            }
+        } else if res == 0 {
+            if s.first_end.is_none() {
+                s.first_end = Some(dir);
+            }
+            let f = s.flow_mut(dir);
+            f.eof = true;
+            if s.phase == Phase::Passthrough {
+                if !s.down.sending && s.down.queue.is_empty() {
+                    self.finish_passthrough(slot);
+                }
+                return;
+            }
+            self.pass_eof(slot, dir);
+        } else {
+            match -res {
+                libc::ENOBUFS => {
+                    if !more {
+                        self.starve(slot, dir);
+                    }
+                }
+                libc::ECANCELED => {
+                    let f = s.flow(dir);
+                    if f.recv == RecvState::Idle && !f.eof && f.queue.len() < HIGH_WATER / 2 {
+                        self.arm_recv_multi(slot, dir);
+                    }
+                }
+                _ => {
+                    let cause = if dir == Dir::Up {
+                        CloseCause::ClientReset
+                    } else {
+                        CloseCause::OriginReset
+                    };
+                    self.abort(slot, cause);
+                }
+            }
+        }
+    }
+
+    /// Forwards the end of a direction once its bytes are all sent; closes the session when
+    /// both directions have ended.
+    fn pass_eof(&mut self, slot: usize, dir: Dir) {
+        let s = &mut self.sessions[slot];
+        let dst = s.dst(dir);
+        let f = s.flow_mut(dir);
+        if f.eof && !f.shut && !f.sending && f.queue.is_empty() {
+            sys::shutdown_write(dst);
+            f.shut = true;
+        }
+        if s.up.finished() && s.down.finished() {
+            // Both sides said goodbye; the first one to do so is the cause.
+            let cause = match s.first_end {
+                Some(Dir::Down) => CloseCause::OriginClosed,
+                _ => CloseCause::ClientClosed,
+            };
+            self.begin_close(slot, cause);
+        } else {
+            // Half-closed: the shorter half-closed timeout applies from now on.
+            self.arm_timer(slot);
+        }
+    }
+
+    fn start_send(&mut self, slot: usize, dir: Dir) {
+        let op = if dir == Dir::Up { Op::OriginSend } else { Op::ClientSend };
+        let ud = self.tok(op, slot);
+        let s = &mut self.sessions[slot];
+        let dst = s.dst(dir);
+        let f = s.flow_mut(dir);
+        if let Some(ch) = f.queue.front_mut() {
+            let (bid, off, len) = (ch.bid, ch.off as usize, ch.len as usize);
+            f.sending = true;
+            s.inflight += 1;
+            self.reactor.send_buf(dst, bid, off, len, ud);
+        }
+    }
+
+    fn on_sent(&mut self, slot: usize, dir: Dir, c: Completion) {
+        let s = &mut self.sessions[slot];
+        s.flow_mut(dir).sending = false;
+        let phase = s.phase;
+        // Once relay answers the client itself, the origin side is only being torn down.
+        let refusing = matches!(phase, Phase::Responding | Phase::Lingering);
+        if phase == Phase::Closing || (refusing && dir == Dir::Up) {
+            return;
+        }
+        if c.result < 0 {
+            if refusing {
+                self.begin_close(slot, CloseCause::Refused);
+            } else {
+                let cause = if dir == Dir::Up {
+                    CloseCause::OriginReset
+                } else {
+                    CloseCause::ClientReset
+                };
+                self.abort(slot, cause);
+            }
+            return;
+        }
+        let n = c.result as usize;
+        if let Some(mut bytes) = c.bytes {
+            if n < bytes.len() {
+                // Short write: send the rest.
+                bytes.drain(..n);
+                let op = if dir == Dir::Up { Op::OriginSend } else { Op::ClientSend };
+                let ud = self.tok(op, slot);
+                let s = &mut self.sessions[slot];
+                s.flow_mut(dir).sending = true;
+                s.inflight += 1;
+                self.reactor.send_bytes(s.dst(dir), bytes, 0, ud);
+                return;
+            }
+            if phase == Phase::Responding {
+                self.start_lingering(slot);
+                return;
+            }
+        } else {
+            let f = s.flow_mut(dir);
+            let ch = f.queue.front_mut().expect("a ring send has its chunk queued");
+            ch.off += n as u16;
+            ch.len -= n as u16;
+            if ch.len == 0 {
+                let done = f.queue.pop().expect("front exists");
+                self.reactor.recycle(done.bid);
+            }
+        }
+        let s = &mut self.sessions[slot];
+        let f = s.flow(dir);
+        if !f.queue.is_empty() {
+            self.start_send(slot, dir);
+        } else if f.eof {
+            if phase == Phase::Passthrough {
+                self.finish_passthrough(slot);
+                return;
+            }
+            self.pass_eof(slot, dir);
+            return;
+        }
+        // Backpressure released: read the source again.
+        let s = &self.sessions[slot];
+        let f = s.flow(dir);
+        let reading = phase == Phase::Relay || (phase == Phase::Passthrough && dir == Dir::Down);
+        if reading && f.recv == RecvState::Idle && !f.eof && f.queue.len() < HIGH_WATER / 2 {
+            self.arm_recv_multi(slot, dir);
+        }
+    }
+
+    fn finish_passthrough(&mut self, slot: usize) {
+        let s = &mut self.sessions[slot];
+        if s.down.recv == RecvState::Armed {
+            let target = Token::new(Op::OriginRecv, slot as u32, s.gen).encode();
+            let ud = Token::new(Op::Cancel, slot as u32, s.gen).encode();
+            s.down.recv = RecvState::Cancelling;
+            s.inflight += 1;
+            self.reactor.cancel_op(target, ud);
+        }
+        self.start_lingering(slot);
+    }
+
+    // ---- refusals and closing ------------------------------------------------------------
+
+    /// Answers the client with relay's own error status, then lingers and closes.
+    fn respond(&mut self, slot: usize, r: Reject) {
+        self.counters.refused[r.status.index()] += 1;
+        tracing::debug!(worker = self.id, status = r.status.code(), reason = r.reason, "refused");
+        let ud = self.tok(Op::ClientSend, slot);
+        let now = self.now;
+        let s = &mut self.sessions[slot];
+        if s.origin >= 0 {
+            // Whatever the origin still has in flight ends with this.
+            let cancel = Token::new(Op::Cancel, slot as u32, s.gen).encode();
+            s.inflight += 1;
+            self.reactor.cancel_fd(s.origin, cancel);
+        }
+        s.phase = Phase::Responding;
+        s.phase_since = now;
+        s.down.sending = true;
+        s.inflight += 1;
+        self.reactor.send_bytes(s.client, http::error_response(r), 0, ud);
+        self.arm_timer(slot);
+    }
+
+    fn start_lingering(&mut self, slot: usize) {
+        let s = &mut self.sessions[slot];
+        sys::shutdown_write(s.client);
+        s.phase = Phase::Lingering;
+        s.phase_since = self.now;
+        let idle = s.up.recv == RecvState::Idle;
+        if idle {
+            self.arm_recv_multi(slot, Dir::Up);
+        }
+        self.arm_timer(slot);
+    }
+
+    /// Ends a session because one side failed: the other side is reset too.
+    fn abort(&mut self, slot: usize, cause: CloseCause) {
+        let s = &self.sessions[slot];
+        match cause {
+            CloseCause::ClientReset if s.origin >= 0 => sys::set_linger_zero(s.origin),
+            CloseCause::OriginReset => sys::set_linger_zero(s.client),
+            _ => {}
+        }
+        self.begin_close(slot, cause);
+    }
+
+    fn begin_close(&mut self, slot: usize, cause: CloseCause) {
+        let now = self.now;
+        let s = &mut self.sessions[slot];
+        if s.phase == Phase::Closing {
+            return;
+        }
+        let was_relaying = matches!(s.phase, Phase::Relay);
+        s.phase = Phase::Closing;
+        self.counters.closed[cause.index()] += 1;
+        if was_relaying {
+            self.counters.connection_ms += (now - s.opened) as u64 * TICK.as_millis() as u64;
+        }
+        if s.inflight > 0 {
+            let ud = Token::new(Op::Cancel, slot as u32, s.gen).encode();
+            for fd in [s.client, s.origin] {
+                if fd >= 0 {
+                    s.inflight += 1;
+                    self.reactor.cancel_fd(fd, ud);
+                }
+            }
+        }
+    }
+
+    fn maybe_free(&mut self, slot: usize) {
+        if let Some(s) = self.sessions.get(slot) {
+            if s.phase == Phase::Closing && s.inflight == 0 {
+                self.free(slot);
+            }
+        }
+    }
+
+    /// Frees a slot: closes its descriptors and recycles every buffer it still holds.
+    fn free(&mut self, slot: usize) {
+        let mut s = self.sessions.remove(slot);
+        sys::close(s.client);
+        if s.origin >= 0 {
+            sys::close(s.origin);
+        }
+        for f in [&mut s.up, &mut s.down] {
+            while let Some(ch) = f.queue.pop() {
+                self.reactor.recycle(ch.bid);
+            }
+        }
+        if s.origin_idx != u16::MAX {
+            let pool = self.cfg.routes[s.route as usize].pool;
+            self.pools[pool].release(s.origin_idx as usize);
+        }
+    }
+
+    // ---- timers --------------------------------------------------------------------------
+
+    fn deadline(&self, s: &Session) -> u32 {
+        match s.phase {
+            Phase::ClientHead => s.phase_since + self.t_handshake,
+            Phase::Connecting => s.phase_since + self.t_connect,
+            Phase::OriginHead => s.phase_since + self.t_origin,
+            Phase::Relay | Phase::Passthrough => {
+                let t = if s.up.eof || s.down.eof { self.t_half } else { self.t_idle };
+                s.last_active + t
+            }
+            Phase::Responding | Phase::Lingering => s.phase_since + LINGER_TICKS,
+            Phase::Closing => u32::MAX,
+        }
+    }
+
+    fn arm_timer(&mut self, slot: usize) {
+        let s = &self.sessions[slot];
+        let at = self.deadline(s);
+        if at == u32::MAX {
+            return;
+        }
+        let gen = s.gen;
+        self.sessions[slot].timer_at = at;
+        self.wheel.arm(slot as u32, gen, at);
+    }
+
+    fn on_timer(&mut self, e: TimerEntry) {
+        let slot = e.slot as usize;
+        let Some(s) = self.sessions.get(slot) else { return };
+        if s.gen != e.gen || s.timer_at != e.at {
+            return;
+        }
+        let at = self.deadline(s);
+        if at > self.now {
+            if at != u32::MAX {
+                self.sessions[slot].timer_at = at;
+                self.wheel.arm(e.slot, e.gen, at);
+            }
+            return;
+        }
+        match s.phase {
+            Phase::ClientHead => self.respond(
+                slot,
+                Reject {
+                    status: Status::RequestTimeout,
+                    reason: "request head not complete before the handshake timeout",
+                },
+            ),
+            Phase::Connecting => {
+                let target = self.tok(Op::Connect, slot);
+                let ud = self.tok(Op::Cancel, slot);
+                let s = &mut self.sessions[slot];
+                if let Some(hs) = s.hs.as_mut() {
+                    hs.connect_timed_out = true;
+                }
+                s.inflight += 1;
+                self.reactor.cancel_op(target, ud);
+            }
+            Phase::OriginHead => self.respond(
+                slot,
+                Reject {
+                    status: Status::GatewayTimeout,
+                    reason: "origin did not answer the upgrade in time",
+                },
+            ),
+            Phase::Relay | Phase::Passthrough => self.begin_close(slot, CloseCause::IdleTimeout),
+            Phase::Responding | Phase::Lingering => self.begin_close(slot, CloseCause::Refused),
+            Phase::Closing => {}
+        }
+        self.maybe_free(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_up_to_ticks() {
+        assert_eq!(ticks(Duration::from_millis(1)), 1);
+        assert_eq!(ticks(Duration::from_millis(100)), 1);
+        assert_eq!(ticks(Duration::from_millis(101)), 2);
+        assert_eq!(ticks(Duration::from_secs(10)), 100);
+    }
+
+    #[test]
+    fn chunk_lengths_fit_buffers() {
+        // Chunk offsets and lengths are u16: buffers are at most 32 KiB (config enforces).
+        assert!(32768 <= u16::MAX as usize);
+        let _ = Handshake::default();
+    }
+}
