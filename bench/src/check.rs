@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -170,91 +170,124 @@ fn payload(uid: u64, seq: u64, size: usize) -> Vec<u8> {
     v
 }
 
+/// Per-connection bookkeeping of the closed loop.
+struct Loop {
+    uid: u64,
+    size: usize,
+    send_seq: u64,
+    recv_seq: u64,
+    sent_at: VecDeque<Instant>,
+    res: ConnResult,
+    hist: Histogram<u64>,
+}
+
+impl Loop {
+    /// Accounts for one received message; returns Err(()) if the connection is over.
+    fn on_message(&mut self, msg: Message) -> Result<bool, ()> {
+        let data = match msg {
+            Message::Binary(d) => d,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => return Ok(false),
+            Message::Text(_) => {
+                self.res.verify_failures += 1;
+                return Ok(false);
+            }
+            Message::Close(_) => return Err(()),
+        };
+        let now = Instant::now();
+        let seed = ws::pattern_seed(self.uid, self.recv_seq);
+        let ok = data.len() == self.size && ws::check_pattern(&data, seed, 0);
+        match self.sent_at.pop_front() {
+            Some(t) => {
+                self.hist
+                    .saturating_record((now - t).as_nanos().max(1) as u64);
+            }
+            None => self.res.verify_failures += 1,
+        }
+        if !ok {
+            self.res.verify_failures += 1;
+            if self.res.verify_failures <= 3 {
+                eprintln!(
+                    "check: verify failure on connection {}, message {} ({} bytes)",
+                    self.uid,
+                    self.recv_seq,
+                    data.len()
+                );
+            }
+        }
+        self.res.messages += 1;
+        self.res.bytes += data.len() as u64;
+        self.recv_seq += 1;
+        Ok(true)
+    }
+
+    fn next_payload(&mut self) -> Message {
+        self.sent_at.push_back(Instant::now());
+        let p = payload(self.uid, self.send_seq, self.size);
+        self.send_seq += 1;
+        Message::Binary(p)
+    }
+}
+
 /// One connection's closed loop: `inflight` messages out, each echo sends the next.
+/// Like `load`, it batches: every echo already received is answered before one flush,
+/// so both clients make comparable numbers of syscalls per message.
 async fn drive(
     mut ws: WebSocketStream<TcpStream>,
     uid: u64,
     a: &CheckArgs,
     deadline: Instant,
 ) -> (ConnResult, Histogram<u64>) {
-    let mut res = ConnResult::default();
-    let mut hist = report::new_histogram();
-    let mut sent_at = VecDeque::new();
-    let (mut send_seq, mut recv_seq) = (0u64, 0u64);
-    for _ in 0..a.inflight {
-        sent_at.push_back(Instant::now());
-        if ws
-            .feed(Message::Binary(payload(uid, send_seq, a.size)))
-            .await
-            .is_err()
-        {
-            res.errors += 1;
-            return (res, hist);
-        }
-        send_seq += 1;
-    }
-    if ws.flush().await.is_err() {
-        res.errors += 1;
-        return (res, hist);
-    }
-    loop {
-        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
-            Err(_) => break, // the window is over
-            Ok(None) => {
-                res.errors += 1;
-                return (res, hist);
-            }
-            Ok(Some(Err(_))) => {
-                res.errors += 1;
-                return (res, hist);
-            }
-            Ok(Some(Ok(m))) => m,
-        };
-        let data = match msg {
-            Message::Binary(d) => d,
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
-            Message::Text(_) => {
-                res.verify_failures += 1;
-                continue;
-            }
-            Message::Close(_) => {
-                res.errors += 1;
-                return (res, hist);
-            }
-        };
-        let now = Instant::now();
-        let ok =
-            data.len() == a.size && ws::check_pattern(&data, ws::pattern_seed(uid, recv_seq), 0);
-        match sent_at.pop_front() {
-            Some(t) => {
-                hist.saturating_record((now - t).as_nanos().max(1) as u64);
-            }
-            None => res.verify_failures += 1,
-        }
-        if !ok {
-            res.verify_failures += 1;
-            if res.verify_failures <= 3 {
-                eprintln!(
-                    "check: verify failure on connection {uid}, message {recv_seq} ({} bytes)",
-                    data.len()
-                );
+    let mut l = Loop {
+        uid,
+        size: a.size,
+        send_seq: 0,
+        recv_seq: 0,
+        sent_at: VecDeque::new(),
+        res: ConnResult::default(),
+        hist: report::new_histogram(),
+    };
+    let ok = 'run: {
+        for _ in 0..a.inflight {
+            let m = l.next_payload();
+            if ws.feed(m).await.is_err() {
+                break 'run false;
             }
         }
-        res.messages += 1;
-        res.bytes += data.len() as u64;
-        recv_seq += 1;
-        if Instant::now() < deadline {
-            sent_at.push_back(Instant::now());
-            if ws
-                .send(Message::Binary(payload(uid, send_seq, a.size)))
-                .await
-                .is_err()
-            {
-                res.errors += 1;
-                return (res, hist);
-            }
-            send_seq += 1;
+        if ws.flush().await.is_err() {
+            break 'run false;
         }
+        loop {
+            let mut msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+                Err(_) => break 'run true, // the window is over
+                Ok(Some(Ok(m))) => m,
+                Ok(_) => break 'run false,
+            };
+            loop {
+                match l.on_message(msg) {
+                    Err(()) => break 'run false,
+                    Ok(true) if Instant::now() < deadline => {
+                        let m = l.next_payload();
+                        if ws.feed(m).await.is_err() {
+                            break 'run false;
+                        }
+                    }
+                    Ok(_) => {}
+                }
+                // Take whatever else is already there without waiting.
+                msg = match ws.next().now_or_never() {
+                    None => break,
+                    Some(Some(Ok(m))) => m,
+                    Some(_) => break 'run false,
+                };
+            }
+            if ws.flush().await.is_err() {
+                break 'run false;
+            }
+        }
+    };
+    if !ok {
+        l.res.errors += 1;
+        return (l.res, l.hist);
     }
     // Close politely (exercises the origin's close handling); not timed.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -262,7 +295,7 @@ async fn drive(
         while let Some(Ok(_)) = ws.next().await {}
     })
     .await;
-    (res, hist)
+    (l.res, l.hist)
 }
 
 fn round3(v: f64) -> f64 {

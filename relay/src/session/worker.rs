@@ -1109,6 +1109,6 @@ mod tests {
     fn chunk_lengths_fit_buffers() {
         // Chunk offsets and lengths are u16: buffers are at most 32 KiB (config enforces).
         assert!(32768 <= u16::MAX as usize);
-        let _ = Handshake::default();
+        let _ = super::super::Handshake::default();
     }
 }
