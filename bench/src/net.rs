@@ -17,19 +17,33 @@ pub fn is_loopback(ip: IpAddr) -> bool {
     }
 }
 
-/// Resolves `HOST:PORT` and refuses anything that is not a loopback address: this tool
-/// only ever sends load to the machine it runs on.
+/// Parses `HOST:PORT` and refuses anything that is not a loopback address: this tool
+/// only ever sends load to the machine it runs on. HOST is an IP literal (`[::1]` for
+/// IPv6) or `localhost`; other names are refused without being looked up.
 pub fn loopback_target(target: &str) -> Result<SocketAddr> {
-    let addrs: Vec<SocketAddr> = target
-        .to_socket_addrs()
-        .with_context(|| format!("--target {target:?}: expected HOST:PORT"))?
-        .collect();
+    let addrs: Vec<SocketAddr> = if let Ok(a) = target.parse::<SocketAddr>() {
+        vec![a]
+    } else {
+        let (host, _port) = target
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("--target {target:?}: expected HOST:PORT"))?;
+        if !host.eq_ignore_ascii_case("localhost") {
+            bail!(
+                "refusing --target {target:?}: give a loopback IP (127.0.0.0/8 or [::1]) or \
+                 localhost; relay-bench only sends load to this machine"
+            );
+        }
+        target
+            .to_socket_addrs()
+            .with_context(|| format!("--target {target:?}: expected HOST:PORT"))?
+            .collect()
+    };
     let Some(first) = addrs.first().copied() else {
         bail!("--target {target:?} resolved to no address");
     };
     if let Some(bad) = addrs.iter().find(|a| !is_loopback(a.ip())) {
         bail!(
-            "refusing --target {target:?}: it resolves to {}, which is not a loopback address; \
+            "refusing --target {target:?}: {} is not a loopback address; \
              relay-bench only sends load to 127.0.0.0/8 or ::1",
             bad.ip()
         );
@@ -246,6 +260,12 @@ mod tests {
             assert!(e.contains("not a loopback"), "{bad}: {e}");
         }
         assert!(loopback_target("nonsense").is_err());
+        assert!(loopback_target("localhost:9000")
+            .unwrap()
+            .ip()
+            .is_loopback());
+        let e = loopback_target("example.com:80").unwrap_err().to_string();
+        assert!(e.contains("refusing"), "{e}");
     }
 
     #[test]
