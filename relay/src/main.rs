@@ -79,7 +79,10 @@ fn load(cli: &Cli) -> Result<Config, String> {
     if let Some(a) = &cli.admin {
         cfg.admin = match a.as_str() {
             "off" => None,
-            a => Some(a.parse().map_err(|_| format!("--admin: {a:?} is not an address with a port"))?),
+            a => Some(
+                a.parse()
+                    .map_err(|_| format!("--admin: {a:?} is not an address with a port"))?,
+            ),
         };
     }
     if let Some(w) = &cli.workers {
@@ -87,7 +90,11 @@ fn load(cli: &Cli) -> Result<Config, String> {
             "auto" => None,
             n => match n.parse::<usize>() {
                 Ok(n) if (1..=1024).contains(&n) => Some(n),
-                _ => return Err(format!("--workers: {n:?} is not \"auto\" or a number from 1 to 1024")),
+                _ => {
+                    return Err(format!(
+                        "--workers: {n:?} is not \"auto\" or a number from 1 to 1024"
+                    ))
+                }
             },
         };
     }
@@ -96,7 +103,11 @@ fn load(cli: &Cli) -> Result<Config, String> {
             "copy" => relay::config::DataPath::Copy,
             "splice" => relay::config::DataPath::Splice,
             "auto" => relay::config::DataPath::Auto,
-            other => return Err(format!("--data-path: {other:?} is not copy, splice or auto")),
+            other => {
+                return Err(format!(
+                    "--data-path: {other:?} is not copy, splice or auto"
+                ))
+            }
         };
     }
     if let Some(m) = cli.max_connections {
@@ -135,7 +146,10 @@ fn main() -> ExitCode {
         };
         return match Config::from_toml(&text) {
             Ok(c) => {
-                println!("# {}: valid; resolved configuration follows", file.display());
+                println!(
+                    "# {}: valid; resolved configuration follows",
+                    file.display()
+                );
                 print!("{}", c.to_toml());
                 ExitCode::SUCCESS
             }

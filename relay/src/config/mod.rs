@@ -194,13 +194,14 @@ pub fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
 /// Parses a byte size: an integer, or `"16KiB"`, `"1MiB"`, `"64k"`.
 pub fn parse_size(key: &str, v: &str) -> Result<u64, ConfigError> {
     let t = v.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| ConfigError::new(key, format!("{v:?} is not a size; write e.g. 16384 or \"16KiB\"")))?;
+    let n: u64 = num.parse().map_err(|_| {
+        ConfigError::new(
+            key,
+            format!("{v:?} is not a size; write e.g. 16384 or \"16KiB\""),
+        )
+    })?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1024,
@@ -220,7 +221,9 @@ fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     v.parse().map_err(|_| {
         ConfigError::new(
             key,
-            format!("{v:?} is not an IP address with a port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""),
+            format!(
+                "{v:?} is not an IP address with a port, e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""
+            ),
         )
     })
 }
@@ -228,8 +231,8 @@ fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError::new("", e.to_string().trim_end().to_string()))?;
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::new("", e.to_string().trim_end().to_string()))?;
         Config::from_raw(raw)
     }
 
@@ -239,7 +242,11 @@ impl Config {
     }
 
     /// Quick mode: one listener, every upgrade to one pool.
-    pub fn quick(listen: &[String], origins: &[String], admin: Option<&str>) -> Result<Config, ConfigError> {
+    pub fn quick(
+        listen: &[String],
+        origins: &[String],
+        admin: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         let mut raw = RawConfig::default();
         raw.listeners = listen
             .iter()
@@ -285,9 +292,14 @@ impl Config {
                         format!("{s:?} is neither \"auto\" nor a number"),
                     ))
                 }
-                raw::Count::N(0) => return Err(ConfigError::new("workers.count", "must be at least 1")),
+                raw::Count::N(0) => {
+                    return Err(ConfigError::new("workers.count", "must be at least 1"))
+                }
                 raw::Count::N(n) if *n > 1024 => {
-                    return Err(ConfigError::new("workers.count", format!("{n} workers is more than 1024")))
+                    return Err(ConfigError::new(
+                        "workers.count",
+                        format!("{n} workers is more than 1024"),
+                    ))
                 }
                 raw::Count::N(n) => Some(*n as usize),
             },
@@ -323,7 +335,10 @@ impl Config {
         };
         if let Some(a) = admin {
             if listeners.iter().any(|l| l.address == a) {
-                return Err(ConfigError::new("admin.address", format!("{a} is also a listener address")));
+                return Err(ConfigError::new(
+                    "admin.address",
+                    format!("{a} is also a listener address"),
+                ));
             }
         }
 
@@ -344,7 +359,10 @@ impl Config {
             ("timeouts.half_closed", timeouts.half_closed),
         ] {
             if d < Duration::from_millis(100) {
-                return Err(ConfigError::new(k, "must be at least 100ms (the timer resolution)"));
+                return Err(ConfigError::new(
+                    k,
+                    "must be at least 100ms (the timer resolution)",
+                ));
             }
             if d > Duration::from_secs(7 * 24 * 3600) {
                 return Err(ConfigError::new(k, "must be at most 7 days"));
@@ -359,13 +377,24 @@ impl Config {
                     format!("{s:?} is neither \"auto\" nor a number"),
                 ))
             }
-            raw::Count::N(0) => return Err(ConfigError::new("limits.max_connections", "must be at least 1")),
+            raw::Count::N(0) => {
+                return Err(ConfigError::new(
+                    "limits.max_connections",
+                    "must be at least 1",
+                ))
+            }
             raw::Count::N(n) if *n > 1 << 24 => {
-                return Err(ConfigError::new("limits.max_connections", "must be at most 16777216 per worker"))
+                return Err(ConfigError::new(
+                    "limits.max_connections",
+                    "must be at most 16777216 per worker",
+                ))
             }
             raw::Count::N(n) => Some(*n as u32),
         };
-        let max_head = parse_size("limits.max_head_bytes", &raw.limits.max_head_bytes.to_string_value())?;
+        let max_head = parse_size(
+            "limits.max_head_bytes",
+            &raw.limits.max_head_bytes.to_string_value(),
+        )?;
         if !(1024..=65536).contains(&max_head) {
             return Err(ConfigError::new(
                 "limits.max_head_bytes",
@@ -403,10 +432,16 @@ impl Config {
                 return Err(ConfigError::new(k("name"), "a pool needs a name"));
             }
             if pools.iter().any(|x| x.name == p.name) {
-                return Err(ConfigError::new(k("name"), format!("pool {:?} is defined twice", p.name)));
+                return Err(ConfigError::new(
+                    k("name"),
+                    format!("pool {:?} is defined twice", p.name),
+                ));
             }
             if p.origins.is_empty() {
-                return Err(ConfigError::new(k("origins"), "a pool needs at least one origin address"));
+                return Err(ConfigError::new(
+                    k("origins"),
+                    "a pool needs at least one origin address",
+                ));
             }
             let mut origins = Vec::new();
             for (j, o) in p.origins.iter().enumerate() {
@@ -425,12 +460,17 @@ impl Config {
             let mut source_addresses = Vec::new();
             for (j, s) in p.source_addresses.iter().enumerate() {
                 let ip: IpAddr = s.parse().map_err(|_| {
-                    ConfigError::new(format!("pool[{i}].source_addresses[{j}]"), format!("{s:?} is not an IP address"))
+                    ConfigError::new(
+                        format!("pool[{i}].source_addresses[{j}]"),
+                        format!("{s:?} is not an IP address"),
+                    )
                 })?;
                 if origins.iter().any(|o| o.is_ipv4() != ip.is_ipv4()) {
                     return Err(ConfigError::new(
                         format!("pool[{i}].source_addresses[{j}]"),
-                        format!("{ip} is not of the same address family as every origin of the pool"),
+                        format!(
+                            "{ip} is not of the same address family as every origin of the pool"
+                        ),
                     ));
                 }
                 source_addresses.push(ip);
@@ -455,16 +495,31 @@ impl Config {
             let k = |f: &str| format!("route[{i}].{f}");
             let host = parse_host(&k("host"), &r.host)?;
             if !r.path.starts_with('/') {
-                return Err(ConfigError::new(k("path"), format!("{:?} must start with '/'", r.path)));
+                return Err(ConfigError::new(
+                    k("path"),
+                    format!("{:?} must start with '/'", r.path),
+                ));
             }
             let pool = pools.iter().position(|p| p.name == r.pool).ok_or_else(|| {
                 let names: Vec<String> = pools.iter().map(|p| format!("{:?}", p.name)).collect();
                 ConfigError::new(
                     k("pool"),
-                    format!("no pool named {:?} (pools: {})", r.pool, if names.is_empty() { "none".into() } else { names.join(", ") }),
+                    format!(
+                        "no pool named {:?} (pools: {})",
+                        r.pool,
+                        if names.is_empty() {
+                            "none".into()
+                        } else {
+                            names.join(", ")
+                        }
+                    ),
                 )
             })?;
-            let name = if r.name.is_empty() { format!("route{i}") } else { r.name.clone() };
+            let name = if r.name.is_empty() {
+                format!("route{i}")
+            } else {
+                r.name.clone()
+            };
             routes.push(Route {
                 name,
                 host,
@@ -508,7 +563,9 @@ fn parse_host(key: &str, v: &str) -> Result<HostMatch, ConfigError> {
     let valid = |s: &str| {
         !s.is_empty()
             && s.split('.').all(|l| {
-                !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
             })
     };
     if let Some(rest) = h.strip_prefix("*.") {

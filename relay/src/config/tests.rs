@@ -87,10 +87,16 @@ fn err(text: &str) -> String {
 fn errors_name_the_key() {
     let base = GOOD.replace("pool = \"chat\"\n[[route]]", "pool = \"nope\"\n[[route]]");
     let e = err(&base);
-    assert!(e.starts_with("route[0].pool: no pool named \"nope\""), "{e}");
+    assert!(
+        e.starts_with("route[0].pool: no pool named \"nope\""),
+        "{e}"
+    );
 
     let e = err(&GOOD.replace("idle = \"1m\"", "idle = \"soon\""));
-    assert!(e.starts_with("timeouts.idle: \"soon\" is not a duration"), "{e}");
+    assert!(
+        e.starts_with("timeouts.idle: \"soon\" is not a duration"),
+        "{e}"
+    );
 
     let e = err(&GOOD.replace("\"127.0.0.1:8080\"", "\"localhost\""));
     assert!(e.starts_with("listener[0].address:"), "{e}");

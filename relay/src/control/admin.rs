@@ -32,21 +32,27 @@ impl Admin {
     }
 }
 
-pub fn start(addr: SocketAddr, stats: Vec<Arc<WorkerStats>>, cfg: Arc<Config>) -> std::io::Result<Admin> {
+pub fn start(
+    addr: SocketAddr,
+    stats: Vec<Arc<WorkerStats>>,
+    cfg: Arc<Config>,
+) -> std::io::Result<Admin> {
     let listener = TcpListener::bind(addr)?;
     let addr = listener.local_addr()?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let thread = std::thread::Builder::new().name("relay-admin".into()).spawn(move || {
-        for conn in listener.incoming() {
-            if stop2.load(Ordering::Acquire) {
-                break;
+    let thread = std::thread::Builder::new()
+        .name("relay-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Ok(mut c) = conn {
+                    let _ = serve(&mut c, &stats, &cfg);
+                }
             }
-            if let Ok(mut c) = conn {
-                let _ = serve(&mut c, &stats, &cfg);
-            }
-        }
-    })?;
+        })?;
     Ok(Admin { stop, addr, thread })
 }
 
@@ -78,7 +84,12 @@ fn serve(c: &mut TcpStream, stats: &[Arc<WorkerStats>], cfg: &Config) -> std::io
     match path {
         "/metrics" => {
             let body = prometheus(stats, cfg);
-            respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", body.as_bytes())
+            respond(
+                c,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                body.as_bytes(),
+            )
         }
         "/healthz" => respond(c, 200, "text/plain", b"ok\n"),
         "/readyz" => {
@@ -144,50 +155,170 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
 pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     let snaps: Vec<Counters> = stats.iter().map(|s| s.snapshot()).collect();
     let mut o = String::with_capacity(8192);
-    let per_worker = |o: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&Counters) -> u64| {
-        metric(o, name, kind, help);
-        for (w, c) in snaps.iter().enumerate() {
-            let _ = writeln!(o, "{name}{{worker=\"{w}\"}} {}", f(c));
-        }
-    };
-    per_worker(&mut o, "relay_connections_accepted_total", "counter", "Client connections accepted.", &|c| c.accepted);
-    per_worker(&mut o, "relay_connections_active", "gauge", "Client connections open now (any phase).", &|c| c.active);
-    per_worker(&mut o, "relay_connections_upgraded_total", "counter", "Connections the origin upgraded to WebSocket.", &|c| c.upgraded);
-    metric(&mut o, "relay_requests_refused_total", "counter", "Requests relay answered with an error status, by status.");
+    let per_worker =
+        |o: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&Counters) -> u64| {
+            metric(o, name, kind, help);
+            for (w, c) in snaps.iter().enumerate() {
+                let _ = writeln!(o, "{name}{{worker=\"{w}\"}} {}", f(c));
+            }
+        };
+    per_worker(
+        &mut o,
+        "relay_connections_accepted_total",
+        "counter",
+        "Client connections accepted.",
+        &|c| c.accepted,
+    );
+    per_worker(
+        &mut o,
+        "relay_connections_active",
+        "gauge",
+        "Client connections open now (any phase).",
+        &|c| c.active,
+    );
+    per_worker(
+        &mut o,
+        "relay_connections_upgraded_total",
+        "counter",
+        "Connections the origin upgraded to WebSocket.",
+        &|c| c.upgraded,
+    );
+    metric(
+        &mut o,
+        "relay_requests_refused_total",
+        "counter",
+        "Requests relay answered with an error status, by status.",
+    );
     for (w, c) in snaps.iter().enumerate() {
         for s in Status::ALL {
-            let _ = writeln!(o, "relay_requests_refused_total{{worker=\"{w}\",status=\"{}\"}} {}", s.code(), c.refused[s.index()]);
+            let _ = writeln!(
+                o,
+                "relay_requests_refused_total{{worker=\"{w}\",status=\"{}\"}} {}",
+                s.code(),
+                c.refused[s.index()]
+            );
         }
     }
-    metric(&mut o, "relay_connections_closed_total", "counter", "Connections closed, by cause.");
+    metric(
+        &mut o,
+        "relay_connections_closed_total",
+        "counter",
+        "Connections closed, by cause.",
+    );
     for (w, c) in snaps.iter().enumerate() {
         for cause in CloseCause::ALL {
-            let _ = writeln!(o, "relay_connections_closed_total{{worker=\"{w}\",cause=\"{}\"}} {}", cause.label(), c.closed[cause.index()]);
+            let _ = writeln!(
+                o,
+                "relay_connections_closed_total{{worker=\"{w}\",cause=\"{}\"}} {}",
+                cause.label(),
+                c.closed[cause.index()]
+            );
         }
     }
-    metric(&mut o, "relay_bytes_total", "counter", "Bytes relayed, by direction.");
+    metric(
+        &mut o,
+        "relay_bytes_total",
+        "counter",
+        "Bytes relayed, by direction.",
+    );
     for (w, c) in snaps.iter().enumerate() {
-        let _ = writeln!(o, "relay_bytes_total{{worker=\"{w}\",direction=\"client_to_origin\"}} {}", c.bytes_client_to_origin);
-        let _ = writeln!(o, "relay_bytes_total{{worker=\"{w}\",direction=\"origin_to_client\"}} {}", c.bytes_origin_to_client);
+        let _ = writeln!(
+            o,
+            "relay_bytes_total{{worker=\"{w}\",direction=\"client_to_origin\"}} {}",
+            c.bytes_client_to_origin
+        );
+        let _ = writeln!(
+            o,
+            "relay_bytes_total{{worker=\"{w}\",direction=\"origin_to_client\"}} {}",
+            c.bytes_origin_to_client
+        );
     }
-    metric(&mut o, "relay_connection_seconds_total", "counter", "Lifetime of closed upgraded connections, summed.");
+    metric(
+        &mut o,
+        "relay_connection_seconds_total",
+        "counter",
+        "Lifetime of closed upgraded connections, summed.",
+    );
     for (w, c) in snaps.iter().enumerate() {
-        let _ = writeln!(o, "relay_connection_seconds_total{{worker=\"{w}\"}} {:.1}", c.connection_ms as f64 / 1000.0);
+        let _ = writeln!(
+            o,
+            "relay_connection_seconds_total{{worker=\"{w}\"}} {:.1}",
+            c.connection_ms as f64 / 1000.0
+        );
     }
-    per_worker(&mut o, "relay_origin_connect_failures_total", "counter", "Origin connections refused or timed out.", &|c| c.origin_connect_failures);
-    per_worker(&mut o, "relay_accept_errors_total", "counter", "Failed accepts (EMFILE and the like).", &|c| c.accept_errors);
-    per_worker(&mut o, "relay_ring_submissions_total", "counter", "io_uring submissions.", &|c| c.submitted);
-    per_worker(&mut o, "relay_ring_completions_total", "counter", "io_uring completions.", &|c| c.completed);
-    per_worker(&mut o, "relay_ring_cq_overflows_total", "counter", "Times the completion queue overflowed.", &|c| c.cq_overflows);
-    per_worker(&mut o, "relay_bufring_enobufs_total", "counter", "Receives that found the buffer ring empty.", &|c| c.enobufs);
-    per_worker(&mut o, "relay_bufring_provided", "gauge", "Receive buffers handed to the kernel so far.", &|c| c.bufs_provided);
-    per_worker(&mut o, "relay_bufring_checked_out", "gauge", "Receive buffers in user space now.", &|c| c.bufs_checked_out);
-    per_worker(&mut o, "relay_splices_total", "counter", "Splice operations (splice data path).", &|c| c.splices);
+    per_worker(
+        &mut o,
+        "relay_origin_connect_failures_total",
+        "counter",
+        "Origin connections refused or timed out.",
+        &|c| c.origin_connect_failures,
+    );
+    per_worker(
+        &mut o,
+        "relay_accept_errors_total",
+        "counter",
+        "Failed accepts (EMFILE and the like).",
+        &|c| c.accept_errors,
+    );
+    per_worker(
+        &mut o,
+        "relay_ring_submissions_total",
+        "counter",
+        "io_uring submissions.",
+        &|c| c.submitted,
+    );
+    per_worker(
+        &mut o,
+        "relay_ring_completions_total",
+        "counter",
+        "io_uring completions.",
+        &|c| c.completed,
+    );
+    per_worker(
+        &mut o,
+        "relay_ring_cq_overflows_total",
+        "counter",
+        "Times the completion queue overflowed.",
+        &|c| c.cq_overflows,
+    );
+    per_worker(
+        &mut o,
+        "relay_bufring_enobufs_total",
+        "counter",
+        "Receives that found the buffer ring empty.",
+        &|c| c.enobufs,
+    );
+    per_worker(
+        &mut o,
+        "relay_bufring_provided",
+        "gauge",
+        "Receive buffers handed to the kernel so far.",
+        &|c| c.bufs_provided,
+    );
+    per_worker(
+        &mut o,
+        "relay_bufring_checked_out",
+        "gauge",
+        "Receive buffers in user space now.",
+        &|c| c.bufs_checked_out,
+    );
+    per_worker(
+        &mut o,
+        "relay_splices_total",
+        "counter",
+        "Splice operations (splice data path).",
+        &|c| c.splices,
+    );
     metric(&mut o, "relay_workers", "gauge", "Worker threads.");
     let _ = writeln!(o, "relay_workers {}", stats.len());
     metric(&mut o, "relay_routes", "gauge", "Configured routes.");
     let _ = writeln!(o, "relay_routes {}", cfg.routes.len());
-    metric(&mut o, "relay_open_fds", "gauge", "Open descriptors of the process.");
+    metric(
+        &mut o,
+        "relay_open_fds",
+        "gauge",
+        "Open descriptors of the process.",
+    );
     let _ = writeln!(o, "relay_open_fds {}", sys::open_fds());
     o
 }

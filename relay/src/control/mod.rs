@@ -135,7 +135,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     tracing::info!(
         workers,
-        admin = cfg.admin.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        admin = cfg
+            .admin
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into()),
         "relay ready"
     );
 

@@ -149,21 +149,34 @@ fn has_token(value: &[u8], token: &str) -> bool {
 }
 
 fn is_hop_by_hop(name: &str) -> bool {
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h))
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// `Host` without port, lower-cased; `None` if it is not a plausible authority.
 fn host_of(v: &[u8]) -> Option<String> {
     let s = std::str::from_utf8(v).ok()?.trim();
-    if s.is_empty() || s.bytes().any(|b| b <= b' ' || b == b'/' || b == b'@' || b >= 0x7f) {
+    if s.is_empty()
+        || s.bytes()
+            .any(|b| b <= b' ' || b == b'/' || b == b'@' || b >= 0x7f)
+    {
         return None;
     }
     let host = if let Some(rest) = s.strip_prefix('[') {
         let end = rest.find(']')?;
         let after = &rest[end + 1..];
-        if !(after.is_empty() || (after.starts_with(':') && after[1..].bytes().all(|b| b.is_ascii_digit()))) {
+        if !(after.is_empty()
+            || (after.starts_with(':') && after[1..].bytes().all(|b| b.is_ascii_digit())))
+        {
             return None;
         }
         &s[..end + 2]
@@ -192,19 +205,29 @@ fn quote_if_needed(v: &str) -> String {
 /// Parses and validates a client's upgrade request from `buf` (all bytes received so far).
 ///
 /// `Ok(None)`: the head is not complete yet (and still within `max_head` bytes).
-pub fn parse_upgrade(buf: &[u8], max_head: usize, fwd: Forwarding) -> Result<Option<Upgrade>, Reject> {
+pub fn parse_upgrade(
+    buf: &[u8],
+    max_head: usize,
+    fwd: Forwarding,
+) -> Result<Option<Upgrade>, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() >= max_head {
-                return Err(reject(Status::HeaderFieldsTooLarge, "request head is larger than the limit"));
+                return Err(reject(
+                    Status::HeaderFieldsTooLarge,
+                    "request head is larger than the limit",
+                ));
             }
             return Ok(None);
         }
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(reject(Status::HeaderFieldsTooLarge, "too many header fields"))
+            return Err(reject(
+                Status::HeaderFieldsTooLarge,
+                "too many header fields",
+            ))
         }
         Err(httparse::Error::Version) => {
             return Err(reject(Status::BadRequest, "malformed HTTP version"))
@@ -212,18 +235,30 @@ pub fn parse_upgrade(buf: &[u8], max_head: usize, fwd: Forwarding) -> Result<Opt
         Err(_) => return Err(reject(Status::BadRequest, "malformed request head")),
     };
     if head_len > max_head {
-        return Err(reject(Status::HeaderFieldsTooLarge, "request head is larger than the limit"));
+        return Err(reject(
+            Status::HeaderFieldsTooLarge,
+            "request head is larger than the limit",
+        ));
     }
     let method = req.method.unwrap_or("");
     let path = req.path.unwrap_or("");
     if method != "GET" {
-        return Err(reject(Status::MethodNotAllowed, "a WebSocket upgrade must use GET"));
+        return Err(reject(
+            Status::MethodNotAllowed,
+            "a WebSocket upgrade must use GET",
+        ));
     }
     if req.version != Some(1) {
-        return Err(reject(Status::UpgradeRequired, "a WebSocket upgrade needs HTTP/1.1"));
+        return Err(reject(
+            Status::UpgradeRequired,
+            "a WebSocket upgrade needs HTTP/1.1",
+        ));
     }
     if !path.starts_with('/') {
-        return Err(reject(Status::BadRequest, "request target must be an absolute path"));
+        return Err(reject(
+            Status::BadRequest,
+            "request target must be an absolute path",
+        ));
     }
 
     let mut host = None;
@@ -239,7 +274,8 @@ pub fn parse_upgrade(buf: &[u8], max_head: usize, fwd: Forwarding) -> Result<Opt
             if host.is_some() {
                 return Err(reject(Status::BadRequest, "more than one Host header"));
             }
-            host = Some(host_of(h.value).ok_or(reject(Status::BadRequest, "malformed Host header"))?);
+            host =
+                Some(host_of(h.value).ok_or(reject(Status::BadRequest, "malformed Host header"))?);
         } else if n.eq_ignore_ascii_case("upgrade") {
             upgrade_ok |= has_token(h.value, "websocket");
         } else if n.eq_ignore_ascii_case("connection") {
@@ -250,29 +286,52 @@ pub fn parse_upgrade(buf: &[u8], max_head: usize, fwd: Forwarding) -> Result<Opt
             version_ok = h.value.trim_ascii() == b"13";
         } else if n.eq_ignore_ascii_case("sec-websocket-key") {
             if key.is_some() {
-                return Err(reject(Status::BadRequest, "more than one Sec-WebSocket-Key header"));
+                return Err(reject(
+                    Status::BadRequest,
+                    "more than one Sec-WebSocket-Key header",
+                ));
             }
             key = Some(h.value.trim_ascii());
         } else if n.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(reject(Status::BadRequest, "a WebSocket upgrade has no request body (Transfer-Encoding)"));
+            return Err(reject(
+                Status::BadRequest,
+                "a WebSocket upgrade has no request body (Transfer-Encoding)",
+            ));
         } else if n.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0" {
-            return Err(reject(Status::BadRequest, "a WebSocket upgrade has no request body (Content-Length)"));
+            return Err(reject(
+                Status::BadRequest,
+                "a WebSocket upgrade has no request body (Content-Length)",
+            ));
         }
     }
     let host = host.ok_or(reject(Status::BadRequest, "missing Host header"))?;
     if !upgrade_ok {
-        return Err(reject(Status::UpgradeRequired, "not a WebSocket upgrade (no Upgrade: websocket)"));
+        return Err(reject(
+            Status::UpgradeRequired,
+            "not a WebSocket upgrade (no Upgrade: websocket)",
+        ));
     }
     if !connection_upgrade {
-        return Err(reject(Status::UpgradeRequired, "not a WebSocket upgrade (no Connection: upgrade)"));
+        return Err(reject(
+            Status::UpgradeRequired,
+            "not a WebSocket upgrade (no Connection: upgrade)",
+        ));
     }
     if !version_seen || !version_ok {
-        return Err(reject(Status::UpgradeRequired, "unsupported Sec-WebSocket-Version (relay speaks 13)"));
+        return Err(reject(
+            Status::UpgradeRequired,
+            "unsupported Sec-WebSocket-Version (relay speaks 13)",
+        ));
     }
     let key = key.ok_or(reject(Status::BadRequest, "missing Sec-WebSocket-Key"))?;
     match B64.decode(key) {
         Ok(k) if k.len() == 16 => {}
-        _ => return Err(reject(Status::BadRequest, "Sec-WebSocket-Key is not 16 bytes in base64")),
+        _ => {
+            return Err(reject(
+                Status::BadRequest,
+                "Sec-WebSocket-Key is not 16 bytes in base64",
+            ))
+        }
     }
     let accept = accept_key(key);
 
@@ -286,7 +345,9 @@ pub fn parse_upgrade(buf: &[u8], max_head: usize, fwd: Forwarding) -> Result<Opt
     for h in req.headers.iter() {
         let n = h.name;
         if is_hop_by_hop(n)
-            || connection_named.iter().any(|c| c.eq_ignore_ascii_case(n.as_bytes()))
+            || connection_named
+                .iter()
+                .any(|c| c.eq_ignore_ascii_case(n.as_bytes()))
             || n.eq_ignore_ascii_case("x-forwarded-proto")
         {
             continue;
@@ -315,7 +376,11 @@ pub fn parse_upgrade(buf: &[u8], max_head: usize, fwd: Forwarding) -> Result<Opt
         tail.push_str(&String::from_utf8_lossy(prev));
         tail.push_str(", ");
     }
-    let _ = write!(tail, "{ip}\r\nX-Forwarded-Proto: {}\r\nForwarded: ", fwd.proto);
+    let _ = write!(
+        tail,
+        "{ip}\r\nX-Forwarded-Proto: {}\r\nForwarded: ",
+        fwd.proto
+    );
     if let Some(prev) = forwarded {
         tail.push_str(&String::from_utf8_lossy(prev));
         tail.push_str(", ");
@@ -368,14 +433,21 @@ pub struct AnswerHead {
 }
 
 /// Parses the origin's answer from `buf`, checking a `101` against `accept`.
-pub fn parse_answer(buf: &[u8], max_head: usize, accept: &str) -> Result<Option<AnswerHead>, Reject> {
+pub fn parse_answer(
+    buf: &[u8],
+    max_head: usize,
+    accept: &str,
+) -> Result<Option<AnswerHead>, Reject> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut headers);
     let head_len = match res.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => {
             if buf.len() >= max_head {
-                return Err(reject(Status::BadGateway, "origin answer head is larger than the limit"));
+                return Err(reject(
+                    Status::BadGateway,
+                    "origin answer head is larger than the limit",
+                ));
             }
             return Ok(None);
         }
@@ -396,10 +468,16 @@ pub fn parse_answer(buf: &[u8], max_head: usize, accept: &str) -> Result<Option<
             }
         }
         if !upgrade || !connection {
-            return Err(reject(Status::BadGateway, "origin answered 101 without Upgrade: websocket"));
+            return Err(reject(
+                Status::BadGateway,
+                "origin answered 101 without Upgrade: websocket",
+            ));
         }
         if !accept_ok {
-            return Err(reject(Status::BadGateway, "origin answered 101 with a wrong Sec-WebSocket-Accept"));
+            return Err(reject(
+                Status::BadGateway,
+                "origin answered 101 with a wrong Sec-WebSocket-Accept",
+            ));
         }
         return Ok(Some(AnswerHead {
             answer: Answer::Switching,
@@ -407,17 +485,27 @@ pub fn parse_answer(buf: &[u8], max_head: usize, accept: &str) -> Result<Option<
         }));
     }
     if code < 200 {
-        return Err(reject(Status::BadGateway, "origin sent an unexpected interim answer"));
+        return Err(reject(
+            Status::BadGateway,
+            "origin sent an unexpected interim answer",
+        ));
     }
     let mut body_len = None;
     let mut chunked = false;
     for h in res.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value).ok().and_then(|s| s.trim().parse::<u64>().ok());
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
             match (v, body_len) {
                 (Some(n), None) => body_len = Some(n),
                 (Some(n), Some(m)) if n == m => {}
-                _ => return Err(reject(Status::BadGateway, "origin sent an invalid Content-Length")),
+                _ => {
+                    return Err(reject(
+                        Status::BadGateway,
+                        "origin sent an invalid Content-Length",
+                    ))
+                }
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = true;
@@ -427,7 +515,10 @@ pub fn parse_answer(buf: &[u8], max_head: usize, accept: &str) -> Result<Option<
         body_len = if chunked { None } else { Some(0) };
     }
     Ok(Some(AnswerHead {
-        answer: Answer::Other { status: code, body_len },
+        answer: Answer::Other {
+            status: code,
+            body_len,
+        },
         head_len,
     }))
 }

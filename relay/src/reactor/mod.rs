@@ -336,6 +336,12 @@ impl Reactor {
 
     /// Cancels the in-flight operation submitted with `target` (as passed by the caller).
     pub fn cancel_op(&mut self, target: u64, user_data: u64) {
+        // An op with side storage was submitted with KEEP_BIT set; match what the kernel has.
+        let target = if self.kept.contains_key(&(target | KEEP_BIT)) {
+            target | KEEP_BIT
+        } else {
+            target
+        };
         let e = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
             .build()
             .user_data(user_data);

@@ -37,7 +37,11 @@ pub fn listen_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<RawFd> {
 /// connect time with `IP_BIND_ADDRESS_NO_PORT`, so many source addresses each get their own
 /// 64k ports towards one origin).
 pub fn origin_socket(origin: SocketAddr, source: Option<IpAddr>) -> io::Result<RawFd> {
-    let s = Socket::new(Domain::for_address(origin), Type::STREAM, Some(Protocol::TCP))?;
+    let s = Socket::new(
+        Domain::for_address(origin),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     s.set_nonblocking(true)?;
     s.set_cloexec(true)?;
     s.set_nodelay(true)?;

@@ -139,6 +139,13 @@ mod tests {
         w.arm(7, 3, 2);
         let mut due = Vec::new();
         w.advance(10, &mut due);
-        assert_eq!(due, vec![TimerEntry { slot: 7, gen: 3, at: 10 }]);
+        assert_eq!(
+            due,
+            vec![TimerEntry {
+                slot: 7,
+                gen: 3,
+                at: 10
+            }]
+        );
     }
 }

@@ -99,7 +99,13 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        for op in [Op::Accept, Op::ClientRecv, Op::OriginSend, Op::Cancel, Op::Wake] {
+        for op in [
+            Op::Accept,
+            Op::ClientRecv,
+            Op::OriginSend,
+            Op::Cancel,
+            Op::Wake,
+        ] {
             for (slot, gen) in [(0, 0), (1, 7), (u32::MAX, GEN_MASK), (12345, 0x1234_5678)] {
                 let t = Token::new(op, slot, gen);
                 let d = Token::decode(t.encode()).unwrap();

@@ -247,7 +247,11 @@ mod tests {
     use super::*;
 
     fn c(bid: u16) -> Chunk {
-        Chunk { bid, off: 0, len: 1 }
+        Chunk {
+            bid,
+            off: 0,
+            len: 1,
+        }
     }
 
     #[test]
@@ -272,6 +276,10 @@ mod tests {
     #[test]
     fn session_stays_small() {
         // An idle relayed connection's user-space cost is this struct plus its slab slot.
-        assert!(std::mem::size_of::<Session>() <= 256, "{}", std::mem::size_of::<Session>());
+        assert!(
+            std::mem::size_of::<Session>() <= 256,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
     }
 }

@@ -99,7 +99,9 @@ mod tests {
     fn pool(n: usize, balance: Balance) -> Pool {
         Pool {
             name: "p".into(),
-            origins: (0..n).map(|i| format!("127.0.0.1:{}", 9000 + i).parse().unwrap()).collect(),
+            origins: (0..n)
+                .map(|i| format!("127.0.0.1:{}", 9000 + i).parse().unwrap())
+                .collect(),
             balance,
             source_addresses: vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()],
             down_time: Duration::from_secs(2),
@@ -110,13 +112,19 @@ mod tests {
     fn round_robin_rotates_and_skips_down() {
         let p = pool(3, Balance::RoundRobin);
         let mut s = PoolState::new(&p);
-        let picks: Vec<_> = (0..6).map(|_| s.pick(&p, 0, Tried::default()).unwrap()).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| s.pick(&p, 0, Tried::default()).unwrap())
+            .collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         s.mark_down(1, 10);
-        let picks: Vec<_> = (0..4).map(|_| s.pick(&p, 5, Tried::default()).unwrap()).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| s.pick(&p, 5, Tried::default()).unwrap())
+            .collect();
         assert!(!picks.contains(&1));
         // Back after its down time.
-        let picks: Vec<_> = (0..3).map(|_| s.pick(&p, 10, Tried::default()).unwrap()).collect();
+        let picks: Vec<_> = (0..3)
+            .map(|_| s.pick(&p, 10, Tried::default()).unwrap())
+            .collect();
         assert!(picks.contains(&1));
     }
 

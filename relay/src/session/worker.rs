@@ -140,7 +140,12 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
     for i in 0..w.listeners.len() {
         w.arm_accept(i);
     }
-    let addrs: Vec<String> = w.cfg.listeners.iter().map(|l| l.address.to_string()).collect();
+    let addrs: Vec<String> = w
+        .cfg
+        .listeners
+        .iter()
+        .map(|l| l.address.to_string())
+        .collect();
     let desc = format!(
         "worker {} on cpu {} listening on {} (ring {:?}, {} x {} B receive buffers, max {} connections)",
         w.id,
@@ -243,7 +248,8 @@ impl Worker {
             "draining: listeners closed, waiting for live connections"
         );
         for &fd in &self.listeners {
-            self.reactor.cancel_fd(fd, Token::new(Op::Wake, 0, 0).encode());
+            self.reactor
+                .cancel_fd(fd, Token::new(Op::Wake, 0, 0).encode());
         }
         let _ = self.reactor.submit();
         for fd in std::mem::take(&mut self.listeners) {
@@ -306,7 +312,10 @@ impl Worker {
 
     fn on_accept(&mut self, li: usize, c: &Completion) {
         if !c.more() && self.draining.is_none() && li < self.listeners.len() {
-            if matches!(-c.result, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+            if matches!(
+                -c.result,
+                libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+            ) {
                 // Out of descriptors or memory: try again next tick rather than spin.
                 self.accept_retry = Some(self.now + 1);
             } else if c.result != -libc::ECANCELED {
@@ -356,6 +365,7 @@ impl Worker {
             peer,
             first_end: None,
         });
+        tracing::trace!(worker = self.id, slot, fd, %peer, "accepted");
         if self.sessions.len() > self.max_connections {
             self.respond(
                 slot,
@@ -371,7 +381,11 @@ impl Worker {
     }
 
     fn arm_recv_once(&mut self, slot: usize, dir: Dir) {
-        let op = if dir == Dir::Up { Op::ClientRecv } else { Op::OriginRecv };
+        let op = if dir == Dir::Up {
+            Op::ClientRecv
+        } else {
+            Op::OriginRecv
+        };
         let ud = self.tok(op, slot);
         let s = &mut self.sessions[slot];
         self.reactor.recv_once(s.src(dir), ud);
@@ -380,7 +394,11 @@ impl Worker {
     }
 
     fn arm_recv_multi(&mut self, slot: usize, dir: Dir) {
-        let op = if dir == Dir::Up { Op::ClientRecv } else { Op::OriginRecv };
+        let op = if dir == Dir::Up {
+            Op::ClientRecv
+        } else {
+            Op::OriginRecv
+        };
         let ud = self.tok(op, slot);
         let s = &mut self.sessions[slot];
         self.reactor.recv_multi(s.src(dir), ud);
@@ -438,7 +456,9 @@ impl Worker {
         }
         for (slot, gen, dir) in std::mem::take(&mut self.starved) {
             let slot = slot as usize;
-            let Some(s) = self.sessions.get(slot) else { continue };
+            let Some(s) = self.sessions.get(slot) else {
+                continue;
+            };
             if s.gen != gen || s.flow(dir).recv != RecvState::Idle {
                 continue;
             }
@@ -572,11 +592,10 @@ impl Worker {
             return;
         }
         if c.result == 0 {
-            let head = s
-                .hs
-                .as_mut()
-                .and_then(|h| h.origin_head.take())
-                .expect("origin head waits for the connection");
+            let head =
+                s.hs.as_mut()
+                    .and_then(|h| h.origin_head.take())
+                    .expect("origin head waits for the connection");
             s.phase = Phase::OriginHead;
             s.phase_since = now;
             s.up.sending = true;
@@ -749,7 +768,11 @@ impl Worker {
                     self.start_send(slot, dir);
                 }
             }
-            let recv_op = if dir == Dir::Up { Op::ClientRecv } else { Op::OriginRecv };
+            let recv_op = if dir == Dir::Up {
+                Op::ClientRecv
+            } else {
+                Op::OriginRecv
+            };
             let target = self.tok(recv_op, slot);
             let cancel = self.tok(Op::Cancel, slot);
             let s = &mut self.sessions[slot];
@@ -764,7 +787,11 @@ impl Worker {
                 self.arm_recv_multi(slot, dir);
             }
             let s = &self.sessions[slot];
-            if s.phase == Phase::Passthrough && s.down.eof && !s.down.sending && s.down.queue.is_empty() {
+            if s.phase == Phase::Passthrough
+                && s.down.eof
+                && !s.down.sending
+                && s.down.queue.is_empty()
+            {
                 self.finish_passthrough(slot);
             }
         } else if res == 0 {
@@ -829,7 +856,11 @@ impl Worker {
     }
 
     fn start_send(&mut self, slot: usize, dir: Dir) {
-        let op = if dir == Dir::Up { Op::OriginSend } else { Op::ClientSend };
+        let op = if dir == Dir::Up {
+            Op::OriginSend
+        } else {
+            Op::ClientSend
+        };
         let ud = self.tok(op, slot);
         let s = &mut self.sessions[slot];
         let dst = s.dst(dir);
@@ -869,7 +900,11 @@ impl Worker {
             if n < bytes.len() {
                 // Short write: send the rest.
                 bytes.drain(..n);
-                let op = if dir == Dir::Up { Op::OriginSend } else { Op::ClientSend };
+                let op = if dir == Dir::Up {
+                    Op::OriginSend
+                } else {
+                    Op::ClientSend
+                };
                 let ud = self.tok(op, slot);
                 let s = &mut self.sessions[slot];
                 s.flow_mut(dir).sending = true;
@@ -883,7 +918,10 @@ impl Worker {
             }
         } else {
             let f = s.flow_mut(dir);
-            let ch = f.queue.front_mut().expect("a ring send has its chunk queued");
+            let ch = f
+                .queue
+                .front_mut()
+                .expect("a ring send has its chunk queued");
             ch.off += n as u16;
             ch.len -= n as u16;
             if ch.len == 0 {
@@ -929,7 +967,12 @@ impl Worker {
     /// Answers the client with relay's own error status, then lingers and closes.
     fn respond(&mut self, slot: usize, r: Reject) {
         self.counters.refused[r.status.index()] += 1;
-        tracing::debug!(worker = self.id, status = r.status.code(), reason = r.reason, "refused");
+        tracing::debug!(
+            worker = self.id,
+            status = r.status.code(),
+            reason = r.reason,
+            "refused"
+        );
         let ud = self.tok(Op::ClientSend, slot);
         let now = self.now;
         let s = &mut self.sessions[slot];
@@ -943,7 +986,8 @@ impl Worker {
         s.phase_since = now;
         s.down.sending = true;
         s.inflight += 1;
-        self.reactor.send_bytes(s.client, http::error_response(r), 0, ud);
+        self.reactor
+            .send_bytes(s.client, http::error_response(r), 0, ud);
         self.arm_timer(slot);
     }
 
@@ -1004,6 +1048,13 @@ impl Worker {
     /// Frees a slot: closes its descriptors and recycles every buffer it still holds.
     fn free(&mut self, slot: usize) {
         let mut s = self.sessions.remove(slot);
+        tracing::trace!(
+            worker = self.id,
+            slot,
+            client = s.client,
+            origin = s.origin,
+            "session freed"
+        );
         sys::close(s.client);
         if s.origin >= 0 {
             sys::close(s.origin);
@@ -1027,7 +1078,11 @@ impl Worker {
             Phase::Connecting => s.phase_since + self.t_connect,
             Phase::OriginHead => s.phase_since + self.t_origin,
             Phase::Relay | Phase::Passthrough => {
-                let t = if s.up.eof || s.down.eof { self.t_half } else { self.t_idle };
+                let t = if s.up.eof || s.down.eof {
+                    self.t_half
+                } else {
+                    self.t_idle
+                };
                 s.last_active + t
             }
             Phase::Responding | Phase::Lingering => s.phase_since + LINGER_TICKS,
@@ -1048,7 +1103,9 @@ impl Worker {
 
     fn on_timer(&mut self, e: TimerEntry) {
         let slot = e.slot as usize;
-        let Some(s) = self.sessions.get(slot) else { return };
+        let Some(s) = self.sessions.get(slot) else {
+            return;
+        };
         if s.gen != e.gen || s.timer_at != e.at {
             return;
         }

@@ -39,10 +39,16 @@ fn valid_upgrade_is_rewritten() {
     assert!(head.contains("Host: Example.COM:8080\r\n"), "{head}");
     assert!(head.contains("Origin: http://example.com\r\n"));
     assert!(head.contains("Connection: Upgrade\r\nUpgrade: websocket\r\n"));
-    assert!(head.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"), "{head}");
+    assert!(
+        head.contains("X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n"),
+        "{head}"
+    );
     assert!(head.contains("X-Forwarded-Proto: http\r\n"));
     assert!(!head.contains("https"));
-    assert!(head.contains("Forwarded: for=192.0.2.7;proto=http;host=\"Example.COM:8080\"\r\n"), "{head}");
+    assert!(
+        head.contains("Forwarded: for=192.0.2.7;proto=http;host=\"Example.COM:8080\"\r\n"),
+        "{head}"
+    );
     assert!(!head.to_ascii_lowercase().contains("keep-alive"), "{head}");
     assert!(head.ends_with("\r\n\r\n"));
     assert_eq!(head.matches("Connection:").count(), 1);
@@ -62,9 +68,14 @@ fn ipv6_peer_in_forwarded() {
         peer: "[2001:db8::1]:1".parse().unwrap(),
         proto: "https",
     };
-    let u = parse_upgrade(req("").as_bytes(), 16384, f).unwrap().unwrap();
+    let u = parse_upgrade(req("").as_bytes(), 16384, f)
+        .unwrap()
+        .unwrap();
     let head = String::from_utf8(u.origin_head).unwrap();
-    assert!(head.contains("Forwarded: for=\"[2001:db8::1]\";proto=https;"), "{head}");
+    assert!(
+        head.contains("Forwarded: for=\"[2001:db8::1]\";proto=https;"),
+        "{head}"
+    );
     assert!(head.contains("X-Forwarded-For: 2001:db8::1\r\n"), "{head}");
 }
 
@@ -82,17 +93,32 @@ fn rejections() {
     assert_eq!(status(&req("").replace("GET", "POST")), 405);
     assert_eq!(status(&req("").replace("HTTP/1.1", "HTTP/1.0")), 426);
     assert_eq!(status(&req("").replace("Upgrade: websocket\r\n", "")), 426);
-    assert_eq!(status(&req("").replace("Upgrade: websocket", "Upgrade: h2c")), 426);
-    assert_eq!(status(&req("").replace("keep-alive, Upgrade", "keep-alive")), 426);
+    assert_eq!(
+        status(&req("").replace("Upgrade: websocket", "Upgrade: h2c")),
+        426
+    );
+    assert_eq!(
+        status(&req("").replace("keep-alive, Upgrade", "keep-alive")),
+        426
+    );
     assert_eq!(status(&req("").replace("Version: 13", "Version: 8")), 426);
-    assert_eq!(status(&req("").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), "")), 400);
+    assert_eq!(
+        status(&req("").replace(&format!("Sec-WebSocket-Key: {KEY}\r\n"), "")),
+        400
+    );
     assert_eq!(status(&req("").replace(KEY, "c2hvcnQ=")), 400);
-    assert_eq!(status(&req("").replace("Host: Example.COM:8080\r\n", "")), 400);
+    assert_eq!(
+        status(&req("").replace("Host: Example.COM:8080\r\n", "")),
+        400
+    );
     assert_eq!(status(&req("Host: other\r\n")), 400);
     assert_eq!(status(&req("Transfer-Encoding: chunked\r\n")), 400);
     assert_eq!(status(&req("Content-Length: 5\r\n")), 400);
     assert_eq!(status(&req("").replace("/chat?x=1", "http://x/chat")), 400);
-    assert_eq!(status(&req("").replace("Host: Example.COM:8080", "Host: a b")), 400);
+    assert_eq!(
+        status(&req("").replace("Host: Example.COM:8080", "Host: a b")),
+        400
+    );
 }
 
 #[test]
@@ -134,20 +160,47 @@ fn answer_101() {
 #[test]
 fn answer_101_with_wrong_accept_is_502() {
     let a = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: AAAA\r\n\r\n";
-    assert_eq!(parse_answer(a.as_bytes(), 16384, ACCEPT).unwrap_err().status, Status::BadGateway);
+    assert_eq!(
+        parse_answer(a.as_bytes(), 16384, ACCEPT)
+            .unwrap_err()
+            .status,
+        Status::BadGateway
+    );
     let a = format!("HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: {ACCEPT}\r\n\r\n");
-    assert_eq!(parse_answer(a.as_bytes(), 16384, ACCEPT).unwrap_err().status, Status::BadGateway);
-    assert_eq!(parse_answer(b"garbage\r\n\r\n", 16384, ACCEPT).unwrap_err().status, Status::BadGateway);
+    assert_eq!(
+        parse_answer(a.as_bytes(), 16384, ACCEPT)
+            .unwrap_err()
+            .status,
+        Status::BadGateway
+    );
+    assert_eq!(
+        parse_answer(b"garbage\r\n\r\n", 16384, ACCEPT)
+            .unwrap_err()
+            .status,
+        Status::BadGateway
+    );
 }
 
 #[test]
 fn answer_other_status() {
     let a = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nforbidden";
     let h = parse_answer(a, 16384, ACCEPT).unwrap().unwrap();
-    assert_eq!(h.answer, Answer::Other { status: 403, body_len: Some(9) });
+    assert_eq!(
+        h.answer,
+        Answer::Other {
+            status: 403,
+            body_len: Some(9)
+        }
+    );
     let a = b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\n";
     let h = parse_answer(a, 16384, ACCEPT).unwrap().unwrap();
-    assert_eq!(h.answer, Answer::Other { status: 401, body_len: None });
+    assert_eq!(
+        h.answer,
+        Answer::Other {
+            status: 401,
+            body_len: None
+        }
+    );
     let a = b"HTTP/1.1 400 Bad\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
     assert!(parse_answer(a, 16384, ACCEPT).is_err());
 }
