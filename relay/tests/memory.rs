@@ -17,7 +17,9 @@ const N: usize = 9_000;
 /// Origin that answers every upgrade with a correct 101 and then holds the socket.
 async fn hold_origin(l: TcpListener, held: Arc<AtomicUsize>) {
     loop {
-        let Ok((mut s, _)) = l.accept().await else { continue };
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
         let held = held.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
@@ -47,7 +49,9 @@ async fn hold_origin(l: TcpListener, held: Arc<AtomicUsize>) {
 
 async fn open(relay: std::net::SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(relay).await.unwrap();
-    s.write_all(upgrade_request("mem.test", "/").as_bytes()).await.unwrap();
+    s.write_all(upgrade_request("mem.test", "/").as_bytes())
+        .await
+        .unwrap();
     let mut head = Vec::with_capacity(256);
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -80,7 +84,11 @@ fn idle_relayed_connection_costs_under_1_kib_of_relay_rss() {
             warm.push(open(addr).await);
         }
     });
-    relay.wait_for("warm-up connections to close", Duration::from_secs(40), |r| r.active() == 0.0);
+    relay.wait_for(
+        "warm-up connections to close",
+        Duration::from_secs(40),
+        |r| r.active() == 0.0,
+    );
     let before = relay.rss_bytes();
 
     let conns = rt.block_on(async {
@@ -102,7 +110,9 @@ fn idle_relayed_connection_costs_under_1_kib_of_relay_rss() {
         all
     });
     assert_eq!(conns.len(), N);
-    relay.wait_for("all connections relayed", Duration::from_secs(30), |r| r.active() == N as f64);
+    relay.wait_for("all connections relayed", Duration::from_secs(30), |r| {
+        r.active() == N as f64
+    });
     let after = relay.rss_bytes();
     let per_conn = (after.saturating_sub(before)) as f64 / N as f64;
     println!(
@@ -112,5 +122,7 @@ fn idle_relayed_connection_costs_under_1_kib_of_relay_rss() {
     );
     assert!(per_conn < 1024.0, "{per_conn:.0} bytes per idle connection");
     drop(conns);
-    relay.wait_for("connections to close", Duration::from_secs(40), |r| r.active() == 0.0);
+    relay.wait_for("connections to close", Duration::from_secs(40), |r| {
+        r.active() == 0.0
+    });
 }

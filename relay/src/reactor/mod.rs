@@ -150,7 +150,8 @@ const BGID: u16 = 0;
 impl Reactor {
     /// Creates the ring on the calling thread (it becomes the single issuer).
     pub fn new(cfg: &ReactorConfig) -> Result<Reactor, SetupError> {
-        let attempts: [(RingMode, fn(&mut io_uring::Builder)); 3] = [
+        type Setup = fn(&mut io_uring::Builder);
+        let attempts: [(RingMode, Setup); 3] = [
             (RingMode::DeferTaskrun, |b| {
                 b.setup_single_issuer().setup_defer_taskrun();
             }),
@@ -320,7 +321,7 @@ impl Reactor {
         let sa = Box::new(sys::sockaddr(addr));
         let (p, len) = (sa.as_ptr(), sa.len());
         let ud = self.keep(user_data, Kept::Addr(sa));
-        let e = opcode::Connect::new(types::Fd(fd), p as *const libc::sockaddr, len)
+        let e = opcode::Connect::new(types::Fd(fd), p, len)
             .build()
             .user_data(ud);
         self.push(e);

@@ -464,10 +464,8 @@ impl Worker {
             }
             match s.phase {
                 Phase::ClientHead | Phase::OriginHead => self.arm_recv_once(slot, dir),
-                Phase::Relay | Phase::Passthrough | Phase::Lingering => {
-                    if !s.flow(dir).eof {
-                        self.arm_recv_multi(slot, dir)
-                    }
+                Phase::Relay | Phase::Passthrough | Phase::Lingering if !s.flow(dir).eof => {
+                    self.arm_recv_multi(slot, dir)
                 }
                 _ => {}
             }

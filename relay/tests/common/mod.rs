@@ -1,5 +1,7 @@
 //! Test harness: the real `relay` binary, real origins and clients, loopback only.
 #![allow(dead_code)]
+// tungstenite's handshake callback type fixes the size of its error variant.
+#![allow(clippy::result_large_err)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
