@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly what CI runs (.ci/run calls this).
+# Sets up what the tests need on a fresh machine (Python venv with websockets/pytest),
+# then: format and lint checks, Rust unit + end-to-end tests, Python end-to-end tests,
+# the tuning round-trip test (needs root; skipped with a note otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "format (cargo fmt --check)"
+cargo fmt --all -- --check
+
+step "lint (cargo clippy -D warnings)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets
+
+step "Rust tests (unit + end-to-end over loopback)"
+cargo test --workspace -- --test-threads="${RELAY_TEST_THREADS:-4}"
+
+if [ -d tests/python ]; then
+    step "Python environment"
+    scripts/setup-python.sh
+    step "Python end-to-end tests (websockets client)"
+    RELAY_BIN="$PWD/target/debug/relay" RELAY_BENCH_BIN="$PWD/target/debug/relay-bench" \
+        .venv/bin/python -m pytest tests/python -q
+fi
+
+step "tuning profile round trip"
+if [ "$(id -u)" = 0 ]; then
+    scripts/test-tune.sh
+else
+    echo "skipped: scripts/test-tune.sh applies sysctls and needs root"
+fi
