@@ -20,6 +20,10 @@ cargo build --workspace --all-targets
 step "Rust tests (unit + end-to-end over loopback)"
 cargo test --workspace -- --test-threads="${RELAY_TEST_THREADS:-4}"
 
+step "Rust end-to-end tests again on the splice and auto data paths"
+RELAY_TEST_DATA_PATH=splice cargo test -p relay --test e2e -- --test-threads="${RELAY_TEST_THREADS:-4}"
+RELAY_TEST_DATA_PATH=auto cargo test -p relay --test e2e -- --test-threads="${RELAY_TEST_THREADS:-4}"
+
 if [ -d tests/python ]; then
     step "Python environment"
     scripts/setup-python.sh

@@ -26,14 +26,15 @@ pub enum Op {
     Connect = 6,
     /// An `ASYNC_CANCEL` issued for a session; counted so the slot is freed only after it.
     Cancel = 7,
-    /// Splice from the client socket into a pipe, or from the pipe to the origin.
-    SpliceC2O = 8,
-    /// Splice from the origin socket into a pipe, or from the pipe to the client.
-    SpliceO2C = 9,
-    /// Readiness poll on the client socket (splice path).
-    ClientPoll = 10,
-    /// Readiness poll on the origin socket (splice path).
-    OriginPoll = 11,
+    /// A splice of the client→origin direction (socket → pipe, or pipe → socket).
+    SpliceUp = 8,
+    /// A splice of the origin→client direction.
+    SpliceDown = 9,
+    /// A readiness poll for the client→origin direction (source readable or
+    /// destination writable, as the flow's splice stage says).
+    PollUp = 10,
+    /// A readiness poll for the origin→client direction.
+    PollDown = 11,
     /// Internal ring traffic with no owner (wake-ups).
     Wake = 12,
 }
@@ -48,10 +49,10 @@ impl Op {
             5 => Op::OriginSend,
             6 => Op::Connect,
             7 => Op::Cancel,
-            8 => Op::SpliceC2O,
-            9 => Op::SpliceO2C,
-            10 => Op::ClientPoll,
-            11 => Op::OriginPoll,
+            8 => Op::SpliceUp,
+            9 => Op::SpliceDown,
+            10 => Op::PollUp,
+            11 => Op::PollDown,
             12 => Op::Wake,
             _ => return None,
         })

@@ -61,6 +61,17 @@ pub enum RecvState {
     Cancelling,
 }
 
+/// Where a spliced flow is (splice data path): poll the source, splice socket → pipe,
+/// splice pipe → socket (waiting for the destination to be writable when it is full).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceStage {
+    Idle,
+    PollIn,
+    In,
+    Out,
+    PollOut,
+}
+
 /// Bytes of a provided buffer waiting to be sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Chunk {
@@ -78,12 +89,16 @@ pub struct ChunkQueue {
     inline: [Chunk; INLINE],
     head: u8,
     len: u8,
-    spill: Vec<Chunk>,
+    spill: Option<Box<std::collections::VecDeque<Chunk>>>,
 }
 
 impl ChunkQueue {
+    fn spilled(&self) -> usize {
+        self.spill.as_ref().map_or(0, |v| v.len())
+    }
+
     pub fn len(&self) -> usize {
-        self.len as usize + self.spill.len()
+        self.len as usize + self.spilled()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -91,12 +106,12 @@ impl ChunkQueue {
     }
 
     pub fn push(&mut self, c: Chunk) {
-        if (self.len as usize) < INLINE && self.spill.is_empty() {
+        if (self.len as usize) < INLINE && self.spilled() == 0 {
             let i = (self.head as usize + self.len as usize) % INLINE;
             self.inline[i] = c;
             self.len += 1;
         } else {
-            self.spill.push(c);
+            self.spill.get_or_insert_with(Default::default).push_back(c);
         }
     }
 
@@ -115,14 +130,15 @@ impl ChunkQueue {
         let c = self.inline[self.head as usize];
         self.head = ((self.head as usize + 1) % INLINE) as u8;
         self.len -= 1;
-        // Refill the inline ring from the spill, keeping order.
-        if !self.spill.is_empty() && (self.len as usize) < INLINE {
-            let next = self.spill.remove(0);
-            let i = (self.head as usize + self.len as usize) % INLINE;
-            self.inline[i] = next;
-            self.len += 1;
-            if self.spill.is_empty() {
-                self.spill = Vec::new();
+        // Refill the inline ring from the spill, keeping order; free the spill once empty.
+        if let Some(spill) = self.spill.as_mut() {
+            if let Some(next) = spill.pop_front() {
+                let i = (self.head as usize + self.len as usize) % INLINE;
+                self.inline[i] = next;
+                self.len += 1;
+            }
+            if spill.is_empty() {
+                self.spill = None;
             }
         }
         Some(c)
@@ -140,6 +156,16 @@ pub struct Flow {
     /// A send to the destination is in flight.
     pub sending: bool,
     pub queue: ChunkQueue,
+    /// This flow moves bytes by splice instead of recv/send.
+    pub spliced: bool,
+    pub splice: SpliceStage,
+    /// Consecutive receives that filled a whole buffer (`data_path = "auto"` switches a flow
+    /// to splice after a run of them: that is bulk data, not WebSocket chatter).
+    pub full_reads: u8,
+    /// Bytes waiting in the flow's pipe.
+    pub in_pipe: u32,
+    /// The pipe (read end, write end) lent by the worker's pool while data moves; -1 if none.
+    pub pipe: (RawFd, RawFd),
 }
 
 impl Flow {
@@ -150,12 +176,22 @@ impl Flow {
             shut: false,
             sending: false,
             queue: ChunkQueue::default(),
+            spliced: false,
+            splice: SpliceStage::Idle,
+            full_reads: 0,
+            in_pipe: 0,
+            pipe: (-1, -1),
         }
+    }
+
+    /// Nothing is moving in this direction right now.
+    pub fn quiet(&self) -> bool {
+        !self.sending && self.queue.is_empty() && self.splice == SpliceStage::Idle
     }
 
     /// Nothing left to forward in this direction and its end has been passed on.
     pub fn finished(&self) -> bool {
-        self.eof && self.shut && !self.sending && self.queue.is_empty()
+        self.eof && self.shut && self.quiet()
     }
 }
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::pool::PoolState;
-use super::{Chunk, Dir, Flow, Phase, RecvState, Session};
-use crate::config::Config;
+use super::{Chunk, Dir, Flow, Phase, RecvState, Session, SpliceStage};
+use crate::config::{Config, DataPath};
 use crate::control::stats::{CloseCause, Counters, WorkerStats};
 use crate::control::Control;
 use crate::proto::http::{self, Answer, Forwarding, Reject, Status};
@@ -29,6 +29,12 @@ pub const TICK: Duration = Duration::from_millis(100);
 const LINGER_TICKS: u32 = 20;
 /// A flow stops receiving once this many buffers wait to be sent (backpressure).
 const HIGH_WATER: usize = 4;
+/// Bytes one splice moves at most (the default pipe capacity).
+const SPLICE_LEN: u32 = 64 * 1024;
+/// `data_path = "auto"`: full-buffer receives in a row after which a flow switches to splice.
+const AUTO_BULK_READS: u8 = 8;
+/// Idle pipes kept per worker between ticks.
+const PIPE_POOL_MAX: usize = 64;
 
 fn ticks(d: Duration) -> u32 {
     d.as_millis().div_ceil(TICK.as_millis()).max(1) as u32
@@ -68,6 +74,10 @@ struct Worker {
     starved: Vec<(u32, u32, Dir)>,
     max_connections: usize,
     draining: Option<u32>,
+    data_path: DataPath,
+    /// Empty pipes ready to lend to a spliced flow; closed when unused for a tick.
+    pipes: Vec<(RawFd, RawFd)>,
+    pipes_lent_this_tick: bool,
     t_handshake: u32,
     t_connect: u32,
     t_origin: u32,
@@ -130,6 +140,9 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         starved: Vec::new(),
         max_connections: init.max_connections,
         draining: None,
+        data_path: cfg.data_path,
+        pipes: Vec::new(),
+        pipes_lent_this_tick: false,
         t_handshake: ticks(t.handshake),
         t_connect: ticks(t.origin_connect),
         t_origin: ticks(t.origin_handshake),
@@ -216,6 +229,14 @@ impl Worker {
     }
 
     fn on_tick(&mut self) {
+        // Idle costs nothing: pipes nobody borrowed during the last tick are closed.
+        if !self.pipes_lent_this_tick {
+            for (r, w) in self.pipes.drain(..) {
+                sys::close(r);
+                sys::close(w);
+            }
+        }
+        self.pipes_lent_this_tick = false;
         if let Some(at) = self.accept_retry {
             if at <= self.now && self.draining.is_none() {
                 self.accept_retry = None;
@@ -258,6 +279,10 @@ impl Worker {
     }
 
     fn teardown(&mut self) {
+        for (r, w) in self.pipes.drain(..) {
+            sys::close(r);
+            sys::close(w);
+        }
         for fd in std::mem::take(&mut self.listeners) {
             sys::close(fd);
         }
@@ -303,6 +328,10 @@ impl Worker {
                     Op::OriginSend => self.on_sent(slot, Dir::Up, c),
                     Op::ClientSend => self.on_sent(slot, Dir::Down, c),
                     Op::Connect => self.on_connect(slot, &c),
+                    Op::SpliceUp => self.on_splice(slot, Dir::Up, &c),
+                    Op::SpliceDown => self.on_splice(slot, Dir::Down, &c),
+                    Op::PollUp => self.on_poll(slot, Dir::Up, &c),
+                    Op::PollDown => self.on_poll(slot, Dir::Down, &c),
                     _ => {}
                 }
                 self.maybe_free(slot);
@@ -724,8 +753,11 @@ impl Worker {
         let s = &mut self.sessions[slot];
         if s.phase == Phase::Relay {
             s.hs = None;
-            self.arm_recv_multi(slot, Dir::Up);
-            self.arm_recv_multi(slot, Dir::Down);
+            let spliced = self.data_path == DataPath::Splice;
+            s.up.spliced = spliced;
+            s.down.spliced = spliced;
+            self.start_reading(slot, Dir::Up);
+            self.start_reading(slot, Dir::Down);
         } else if !s.down.eof {
             self.arm_recv_multi(slot, Dir::Down);
         }
@@ -746,6 +778,18 @@ impl Worker {
                     if r == n {
                         s.down.eof = true;
                     }
+                }
+            }
+            if self.data_path == DataPath::Auto && s.phase == Phase::Relay {
+                let f = s.flow_mut(dir);
+                if res as u32 == self.cfg.buffers.size {
+                    f.full_reads = f.full_reads.saturating_add(1);
+                } else {
+                    f.full_reads = 0;
+                }
+                if f.full_reads >= AUTO_BULK_READS && !f.spliced {
+                    // Bulk data: finish what is queued by copy, then move by splice.
+                    f.spliced = true;
                 }
             }
             if n == 0 {
@@ -775,14 +819,14 @@ impl Worker {
             let cancel = self.tok(Op::Cancel, slot);
             let s = &mut self.sessions[slot];
             let f = s.flow_mut(dir);
-            if f.recv == RecvState::Armed && f.queue.len() >= HIGH_WATER {
+            if f.recv == RecvState::Armed && (f.queue.len() >= HIGH_WATER || f.spliced) {
                 // Backpressure: the destination is slower than the source. Stop reading;
                 // the kernel's receive window then pushes back on the sender.
                 f.recv = RecvState::Cancelling;
                 s.inflight += 1;
                 self.reactor.cancel_op(target, cancel);
-            } else if !more && f.recv == RecvState::Idle && !f.eof && f.queue.len() < HIGH_WATER {
-                self.arm_recv_multi(slot, dir);
+            } else if !more && f.queue.len() < HIGH_WATER {
+                self.start_reading(slot, dir);
             }
             let s = &self.sessions[slot];
             if s.phase == Phase::Passthrough
@@ -813,9 +857,8 @@ impl Worker {
                     }
                 }
                 libc::ECANCELED => {
-                    let f = s.flow(dir);
-                    if f.recv == RecvState::Idle && !f.eof && f.queue.len() < HIGH_WATER / 2 {
-                        self.arm_recv_multi(slot, dir);
+                    if s.flow(dir).queue.len() < HIGH_WATER / 2 {
+                        self.start_reading(slot, dir);
                     }
                 }
                 _ => {
@@ -836,7 +879,7 @@ impl Worker {
         let s = &mut self.sessions[slot];
         let dst = s.dst(dir);
         let f = s.flow_mut(dir);
-        if f.eof && !f.shut && !f.sending && f.queue.is_empty() {
+        if f.eof && !f.shut && f.quiet() {
             sys::shutdown_write(dst);
             f.shut = true;
         }
@@ -940,11 +983,9 @@ impl Worker {
             return;
         }
         // Backpressure released: read the source again.
-        let s = &self.sessions[slot];
-        let f = s.flow(dir);
         let reading = phase == Phase::Relay || (phase == Phase::Passthrough && dir == Dir::Down);
-        if reading && f.recv == RecvState::Idle && !f.eof && f.queue.len() < HIGH_WATER / 2 {
-            self.arm_recv_multi(slot, dir);
+        if reading && self.sessions[slot].flow(dir).queue.len() < HIGH_WATER / 2 {
+            self.start_reading(slot, dir);
         }
     }
 
@@ -1061,10 +1102,202 @@ impl Worker {
             while let Some(ch) = f.queue.pop() {
                 self.reactor.recycle(ch.bid);
             }
+            if f.pipe.0 >= 0 {
+                // It may still hold bytes: never lend it again.
+                sys::close(f.pipe.0);
+                sys::close(f.pipe.1);
+            }
         }
         if s.origin_idx != u16::MAX {
             let pool = self.cfg.routes[s.route as usize].pool;
             self.pools[pool].release(s.origin_idx as usize);
+        }
+    }
+
+    // ---- reading and the splice path -----------------------------------------------------
+
+    /// Reads the source of a relayed flow again, by receive or (spliced flow) by readiness
+    /// poll, unless it ended or a read is already pending.
+    fn start_reading(&mut self, slot: usize, dir: Dir) {
+        let f = self.sessions[slot].flow(dir);
+        if f.eof || f.recv != RecvState::Idle {
+            return;
+        }
+        if !f.spliced {
+            self.arm_recv_multi(slot, dir);
+        } else if f.quiet() {
+            self.arm_poll(slot, dir, SpliceStage::PollIn);
+        }
+    }
+
+    fn arm_poll(&mut self, slot: usize, dir: Dir, stage: SpliceStage) {
+        let ud = self.tok(
+            if dir == Dir::Up {
+                Op::PollUp
+            } else {
+                Op::PollDown
+            },
+            slot,
+        );
+        let s = &mut self.sessions[slot];
+        let (fd, events) = match stage {
+            SpliceStage::PollIn => (s.src(dir), libc::POLLIN as u32),
+            _ => (s.dst(dir), libc::POLLOUT as u32),
+        };
+        s.flow_mut(dir).splice = stage;
+        s.inflight += 1;
+        self.reactor.poll(fd, events, ud);
+    }
+
+    fn splice_op(&mut self, slot: usize, dir: Dir, fd_in: RawFd, fd_out: RawFd, len: u32) {
+        let ud = self.tok(
+            if dir == Dir::Up {
+                Op::SpliceUp
+            } else {
+                Op::SpliceDown
+            },
+            slot,
+        );
+        self.sessions[slot].inflight += 1;
+        self.counters.splices += 1;
+        self.reactor.splice(fd_in, fd_out, len, ud);
+    }
+
+    fn lend_pipe(&mut self) -> std::io::Result<(RawFd, RawFd)> {
+        self.pipes_lent_this_tick = true;
+        match self.pipes.pop() {
+            Some(p) => Ok(p),
+            None => sys::pipe(SPLICE_LEN as usize),
+        }
+    }
+
+    fn return_pipe(&mut self, slot: usize, dir: Dir) {
+        let f = self.sessions[slot].flow_mut(dir);
+        let p = std::mem::replace(&mut f.pipe, (-1, -1));
+        if p.0 < 0 {
+            return;
+        }
+        if f.in_pipe == 0 && self.pipes.len() < PIPE_POOL_MAX {
+            self.pipes.push(p);
+        } else {
+            sys::close(p.0);
+            sys::close(p.1);
+        }
+    }
+
+    fn on_poll(&mut self, slot: usize, dir: Dir, c: &Completion) {
+        let s = &mut self.sessions[slot];
+        let stage = s.flow(dir).splice;
+        s.flow_mut(dir).splice = SpliceStage::Idle;
+        if s.phase != Phase::Relay {
+            return;
+        }
+        if c.result < 0 {
+            if c.result != -libc::ECANCELED {
+                let cause = if dir == Dir::Up {
+                    CloseCause::ClientReset
+                } else {
+                    CloseCause::OriginReset
+                };
+                self.abort(slot, cause);
+            }
+            return;
+        }
+        match stage {
+            SpliceStage::PollIn => {
+                let pipe = match self.lend_pipe() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(worker = self.id, "cannot create a pipe for splice: {e}");
+                        self.abort(slot, CloseCause::ClientReset);
+                        return;
+                    }
+                };
+                let s = &mut self.sessions[slot];
+                let src = s.src(dir);
+                let f = s.flow_mut(dir);
+                f.pipe = pipe;
+                f.splice = SpliceStage::In;
+                self.splice_op(slot, dir, src, pipe.1, SPLICE_LEN);
+            }
+            SpliceStage::PollOut => {
+                let s = &mut self.sessions[slot];
+                let dst = s.dst(dir);
+                let f = s.flow_mut(dir);
+                f.splice = SpliceStage::Out;
+                let (r, len) = (f.pipe.0, f.in_pipe);
+                self.splice_op(slot, dir, r, dst, len);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_splice(&mut self, slot: usize, dir: Dir, c: &Completion) {
+        let now = self.now;
+        let s = &mut self.sessions[slot];
+        let stage = s.flow(dir).splice;
+        if s.phase != Phase::Relay {
+            s.flow_mut(dir).splice = SpliceStage::Idle;
+            return;
+        }
+        let res = c.result;
+        let cause = if dir == Dir::Up {
+            CloseCause::ClientReset
+        } else {
+            CloseCause::OriginReset
+        };
+        match stage {
+            SpliceStage::In if res > 0 => {
+                let n = res as u32;
+                s.last_active = now;
+                match dir {
+                    Dir::Up => self.counters.bytes_client_to_origin += n as u64,
+                    Dir::Down => self.counters.bytes_origin_to_client += n as u64,
+                }
+                let dst = s.dst(dir);
+                let f = s.flow_mut(dir);
+                f.in_pipe = n;
+                f.splice = SpliceStage::Out;
+                let r = f.pipe.0;
+                self.splice_op(slot, dir, r, dst, n);
+            }
+            SpliceStage::In if res == 0 || res == -libc::EAGAIN => {
+                s.flow_mut(dir).splice = SpliceStage::Idle;
+                self.return_pipe(slot, dir);
+                if res == 0 {
+                    let s = &mut self.sessions[slot];
+                    if s.first_end.is_none() {
+                        s.first_end = Some(dir);
+                    }
+                    s.flow_mut(dir).eof = true;
+                    self.pass_eof(slot, dir);
+                } else {
+                    self.start_reading(slot, dir);
+                }
+            }
+            SpliceStage::Out if res > 0 => {
+                let f = s.flow_mut(dir);
+                f.in_pipe -= (res as u32).min(f.in_pipe);
+                if f.in_pipe > 0 {
+                    let (r, left) = (f.pipe.0, f.in_pipe);
+                    let dst = s.dst(dir);
+                    self.splice_op(slot, dir, r, dst, left);
+                } else {
+                    f.splice = SpliceStage::Idle;
+                    self.return_pipe(slot, dir);
+                    self.start_reading(slot, dir);
+                }
+            }
+            SpliceStage::Out if res == -libc::EAGAIN => {
+                // The destination is full: wait until it can take more (backpressure).
+                self.arm_poll(slot, dir, SpliceStage::PollOut);
+            }
+            _ => {
+                s.flow_mut(dir).splice = SpliceStage::Idle;
+                if res != -libc::ECANCELED {
+                    self.abort(slot, cause);
+                }
+            }
         }
     }
 

@@ -73,6 +73,11 @@ impl Relay {
 
     fn start_with(addr: SocketAddr, mut args: Vec<String>) -> Relay {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // The whole suite can run on another data path: RELAY_TEST_DATA_PATH=splice.
+        if let Ok(dp) = std::env::var("RELAY_TEST_DATA_PATH") {
+            args.push("--data-path".into());
+            args.push(dp);
+        }
         if !args.iter().any(|a| a == "--admin") {
             args.push("--admin".into());
             args.push(admin.to_string());
