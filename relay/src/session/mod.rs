@@ -89,6 +89,8 @@ pub struct ChunkQueue {
     inline: [Chunk; INLINE],
     head: u8,
     len: u8,
+    // Boxed on purpose: 8 bytes instead of 32 in every idle session.
+    #[allow(clippy::box_collection)]
     spill: Option<Box<std::collections::VecDeque<Chunk>>>,
 }
 
