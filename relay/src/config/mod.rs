@@ -143,6 +143,7 @@ pub struct Timeouts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Limits {
     /// Per worker; `None` = derived from `RLIMIT_NOFILE` at start.
+    #[serde(serialize_with = "ser_auto")]
     pub max_connections: Option<u32>,
     pub max_head_bytes: u32,
 }
@@ -156,6 +157,7 @@ pub struct Buffers {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Workers {
     /// `None` = one per allowed CPU.
+    #[serde(serialize_with = "ser_auto")]
     pub count: Option<usize>,
     pub pin: bool,
 }
@@ -175,6 +177,13 @@ pub struct Config {
     pub pools: Vec<Pool>,
     #[serde(rename = "route")]
     pub routes: Vec<Route>,
+}
+
+fn ser_auto<S: serde::Serializer, T: Serialize>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(n) => n.serialize(s),
+        None => s.serialize_str("auto"),
+    }
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

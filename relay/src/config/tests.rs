@@ -143,6 +143,9 @@ fn resolved_config_renders_and_reparses() {
     let c = Config::from_toml(GOOD).unwrap();
     let text = c.to_toml();
     assert!(text.contains("least-connections"), "{text}");
+    let e = Config::embedded().to_toml();
+    assert!(e.contains("count = \"auto\""), "{e}");
+    assert!(e.contains("max_connections = \"auto\""), "{e}");
 }
 
 #[test]
@@ -150,4 +153,37 @@ fn sizes() {
     assert_eq!(parse_size("k", "16KiB").unwrap(), 16384);
     assert_eq!(parse_size("k", "2048").unwrap(), 2048);
     assert!(parse_size("k", "12 parsecs").is_err());
+}
+
+#[test]
+fn the_example_relay_toml_is_valid_and_shows_the_defaults() {
+    let text = include_str!("../../../relay.toml");
+    let c = Config::from_toml(text).unwrap();
+    assert_eq!(c.routes.len(), 3);
+    // The example states every default: resolving it must equal resolving bare sections.
+    let bare = r#"
+[[listener]]
+address = "127.0.0.1:8080"
+[admin]
+address = "127.0.0.1:9090"
+[[pool]]
+name = "chat"
+origins = ["127.0.0.1:9000", "127.0.0.1:9001"]
+[[pool]]
+name = "api"
+origins = ["127.0.0.1:9100"]
+[[route]]
+name = "chat"
+host = "*.example.com"
+path = "/chat"
+pool = "chat"
+[[route]]
+name = "api"
+host = "api.example.com"
+pool = "api"
+[[route]]
+name = "default"
+pool = "chat"
+"#;
+    assert_eq!(Config::from_toml(bare).unwrap(), c);
 }
