@@ -218,3 +218,43 @@ fn never_panics_on_arbitrary_prefixes() {
         }
     }
 }
+
+/// Random and mutated heads: the parsers answer or refuse, they never panic.
+#[test]
+fn random_input_never_panics() {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let seed = req("X-Forwarded-For: 1.2.3.4\r\nForwarded: for=a\r\n");
+    let answer = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\nContent-Length: 3\r\n\r\n");
+    let alphabet = b"GET HTTP/1.1\r\n:;,= \"[]*/0123456789abcdefxyzUpgradeConnectionHostSec-WebSocket-\x00\xff\x7f\t";
+    for round in 0..20_000 {
+        let base = if round % 2 == 0 {
+            seed.as_bytes()
+        } else {
+            answer.as_bytes()
+        };
+        let mut v = base.to_vec();
+        let edits = 1 + (next() % 8) as usize;
+        for _ in 0..edits {
+            let pos = (next() as usize) % (v.len() + 1);
+            match next() % 3 {
+                0 if pos < v.len() => v[pos] = alphabet[(next() as usize) % alphabet.len()],
+                1 => v.insert(pos, alphabet[(next() as usize) % alphabet.len()]),
+                _ if pos < v.len() => {
+                    v.remove(pos);
+                }
+                _ => {}
+            }
+        }
+        let cut = (next() as usize) % (v.len() + 1);
+        let _ = parse_upgrade(&v[..cut], 16384, fwd());
+        let _ = parse_upgrade(&v, 1024, fwd());
+        let _ = parse_answer(&v[..cut], 16384, ACCEPT);
+        let _ = parse_answer(&v, 16384, ACCEPT);
+    }
+}
