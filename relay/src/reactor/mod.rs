@@ -120,8 +120,19 @@ impl Completion {
     }
 }
 
+/// Most buffers one gathered send carries.
+pub const MAX_IOV: usize = 8;
+
+/// A `msghdr` and its iovecs, kept in one box while a gathered send is in flight.
+struct Gather {
+    hdr: libc::msghdr,
+    iov: [libc::iovec; MAX_IOV],
+}
+
 enum Kept {
     Bytes(Vec<u8>),
+    /// Read by the kernel until the completion; never touched by user space meanwhile.
+    Gather(#[allow(dead_code)] Box<Gather>),
     /// Read by the kernel during submission; held until the completion.
     Addr(#[allow(dead_code)] Box<socket2::SockAddr>),
 }
@@ -299,6 +310,40 @@ impl Reactor {
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Sends several provided-buffer ranges `(bid, off, len)` in order with one `sendmsg`
+    /// (fewer TCP transmits when a flow has queued data).
+    pub fn send_bufs(&mut self, fd: RawFd, ranges: &[(u16, usize, usize)], user_data: u64) {
+        assert!(!ranges.is_empty() && ranges.len() <= MAX_IOV);
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
+        let hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        let mut g = Box::new(Gather {
+            hdr,
+            iov: [empty; MAX_IOV],
+        });
+        for (i, &(bid, off, len)) in ranges.iter().enumerate() {
+            assert!(off + len <= self.bufs.buf_size() as usize);
+            g.iov[i] = libc::iovec {
+                iov_base: self.bufs.ptr(bid, off) as *mut libc::c_void,
+                iov_len: len,
+            };
+        }
+        g.hdr.msg_iov = g.iov.as_mut_ptr();
+        g.hdr.msg_iovlen = ranges.len();
+        // The box's heap block (header and iovecs) does not move when the box is moved into
+        // side storage; the iovecs point into ring buffers, which live as long as the reactor.
+        let hdr_ptr: *const libc::msghdr = &g.hdr;
+        let ud = self.keep(user_data, Kept::Gather(g));
+        let e = opcode::SendMsg::new(types::Fd(fd), hdr_ptr)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(ud);
         self.push(e);
     }
 

@@ -117,6 +117,11 @@ impl ChunkQueue {
         }
     }
 
+    /// The first `n` chunks (at most the inline ones), oldest first.
+    pub fn first(&self, n: usize) -> impl Iterator<Item = &Chunk> {
+        (0..n.min(self.len as usize)).map(move |k| &self.inline[(self.head as usize + k) % INLINE])
+    }
+
     pub fn front_mut(&mut self) -> Option<&mut Chunk> {
         if self.len > 0 {
             Some(&mut self.inline[self.head as usize])

@@ -21,7 +21,7 @@ use crate::control::Control;
 use crate::proto::http::{self, Answer, Forwarding, Reject, Status};
 use crate::reactor::timer::{TimerEntry, TimerWheel};
 use crate::reactor::token::{Op, Token, GEN_MASK};
-use crate::reactor::{sys, Completion, Reactor, ReactorConfig};
+use crate::reactor::{sys, Completion, Reactor, ReactorConfig, MAX_IOV};
 
 /// Timer resolution.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -906,11 +906,27 @@ impl Worker {
         let s = &mut self.sessions[slot];
         let dst = s.dst(dir);
         let f = s.flow_mut(dir);
-        if let Some(ch) = f.queue.front_mut() {
-            let (bid, off, len) = (ch.bid, ch.off as usize, ch.len as usize);
-            f.sending = true;
-            s.inflight += 1;
-            self.reactor.send_buf(dst, bid, off, len, ud);
+        match f.queue.len() {
+            0 => {}
+            1 => {
+                let ch = f.queue.front_mut().expect("one chunk");
+                let (bid, off, len) = (ch.bid, ch.off as usize, ch.len as usize);
+                f.sending = true;
+                s.inflight += 1;
+                self.reactor.send_buf(dst, bid, off, len, ud);
+            }
+            n => {
+                // Several buffers wait: one gathered send carries them all.
+                let mut ranges = [(0u16, 0usize, 0usize); MAX_IOV];
+                let mut k = 0;
+                for ch in f.queue.first(n.min(MAX_IOV)) {
+                    ranges[k] = (ch.bid, ch.off as usize, ch.len as usize);
+                    k += 1;
+                }
+                f.sending = true;
+                s.inflight += 1;
+                self.reactor.send_bufs(dst, &ranges[..k], ud);
+            }
         }
     }
 
@@ -958,16 +974,22 @@ impl Worker {
                 return;
             }
         } else {
+            // A ring send (single or gathered): retire what went out, oldest chunk first.
             let f = s.flow_mut(dir);
-            let ch = f
-                .queue
-                .front_mut()
-                .expect("a ring send has its chunk queued");
-            ch.off += n as u16;
-            ch.len -= n as u16;
-            if ch.len == 0 {
-                let done = f.queue.pop().expect("front exists");
-                self.reactor.recycle(done.bid);
+            let mut left = n;
+            while left > 0 {
+                let ch = f
+                    .queue
+                    .front_mut()
+                    .expect("sent bytes come from queued chunks");
+                let take = left.min(ch.len as usize);
+                ch.off += take as u16;
+                ch.len -= take as u16;
+                left -= take;
+                if ch.len == 0 {
+                    let done = f.queue.pop().expect("front exists");
+                    self.reactor.recycle(done.bid);
+                }
             }
         }
         let s = &mut self.sessions[slot];
