@@ -162,6 +162,14 @@ pub struct Workers {
     pub pin: bool,
 }
 
+/// Where billing records go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccessLog {
+    pub path: std::path::PathBuf,
+    /// Rotate (rename to `<path>.<unix ms>`) at this size; 0 = never (SIGUSR1 reopens).
+    pub max_size: u64,
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
@@ -169,14 +177,27 @@ pub struct Config {
     pub workers: Workers,
     #[serde(rename = "listener")]
     pub listeners: Vec<Listener>,
+    #[serde(serialize_with = "ser_admin")]
     pub admin: Option<SocketAddr>,
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub buffers: Buffers,
+    pub access_log: Option<AccessLog>,
     #[serde(rename = "pool")]
     pub pools: Vec<Pool>,
     #[serde(rename = "route")]
     pub routes: Vec<Route>,
+}
+
+/// `[admin] address = "…"` (or `"off"`), as the file spells it.
+fn ser_admin<S: serde::Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeStruct;
+    let mut t = s.serialize_struct("admin", 1)?;
+    match v {
+        Some(a) => t.serialize_field("address", &a.to_string())?,
+        None => t.serialize_field("address", "off")?,
+    }
+    t.end()
 }
 
 fn ser_auto<S: serde::Serializer, T: Serialize>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
@@ -434,6 +455,17 @@ impl Config {
             count: count as u16,
         };
 
+        let access_log = match raw.access_log.path.as_str() {
+            "" | "off" => None,
+            p => Some(AccessLog {
+                path: p.into(),
+                max_size: parse_size(
+                    "access_log.max_size",
+                    &raw.access_log.max_size.to_string_value(),
+                )?,
+            }),
+        };
+
         let mut pools: Vec<Pool> = Vec::new();
         for (i, p) in raw.pools.iter().enumerate() {
             let k = |f: &str| format!("pool[{i}].{f}");
@@ -546,6 +578,7 @@ impl Config {
             timeouts,
             limits,
             buffers,
+            access_log,
             pools,
             routes,
         })

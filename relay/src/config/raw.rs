@@ -38,6 +38,7 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     pub limits: RawLimits,
     pub buffers: RawBuffers,
+    pub access_log: RawAccessLog,
     #[serde(rename = "pool")]
     pub pools: Vec<RawPool>,
     #[serde(rename = "route")]
@@ -148,6 +149,22 @@ impl Default for RawBuffers {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawAccessLog {
+    pub path: String,
+    pub max_size: Size,
+}
+
+impl Default for RawAccessLog {
+    fn default() -> Self {
+        RawAccessLog {
+            path: "off".into(),
+            max_size: Size::Bytes(0),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawPool {
     pub name: String,
     pub origins: Vec<String>,
@@ -198,6 +215,7 @@ impl Default for RawConfig {
             timeouts: RawTimeouts::default(),
             limits: RawLimits::default(),
             buffers: RawBuffers::default(),
+            access_log: RawAccessLog::default(),
             pools: Vec::new(),
             routes: Vec::new(),
         }

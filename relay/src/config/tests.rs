@@ -143,6 +143,10 @@ fn resolved_config_renders_and_reparses() {
     let c = Config::from_toml(GOOD).unwrap();
     let text = c.to_toml();
     assert!(text.contains("least-connections"), "{text}");
+    // What check-config prints is itself a config that resolves to the same thing.
+    assert_eq!(Config::from_toml(&text).unwrap(), c, "{text}");
+    let e = Config::embedded();
+    assert_eq!(Config::from_toml(&e.to_toml()).unwrap(), e);
     let e = Config::embedded().to_toml();
     assert!(e.contains("count = \"auto\""), "{e}");
     assert!(e.contains("max_connections = \"auto\""), "{e}");

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::stats::{CloseCause, Counters, WorkerStats};
+use super::stats::{CloseCause, Counters, Latencies, RouteCounters, WorkerStats};
 use crate::config::Config;
 use crate::proto::Status;
 use crate::reactor::sys;
@@ -100,7 +100,7 @@ fn serve(c: &mut TcpStream, stats: &[Arc<WorkerStats>], cfg: &Config) -> std::io
             }
         }
         "/v1/stats" => {
-            let body = json(stats);
+            let body = json(stats, cfg);
             respond(c, 200, "application/json", body.as_bytes())
         }
         _ => respond(c, 404, "text/plain", b"not found\n"),
@@ -149,6 +149,56 @@ pub fn total(stats: &[Arc<WorkerStats>]) -> Counters {
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Per-route counters summed over workers, in config order.
+pub fn route_totals(stats: &[Arc<WorkerStats>], cfg: &Config) -> Vec<RouteCounters> {
+    let mut t = vec![RouteCounters::default(); cfg.routes.len()];
+    for s in stats {
+        if let Ok(r) = s.routes.lock() {
+            for (a, b) in t.iter_mut().zip(r.iter()) {
+                a.add(b);
+            }
+        }
+    }
+    t
+}
+
+/// Latency histograms merged over workers.
+pub fn latency_totals(stats: &[Arc<WorkerStats>]) -> Latencies {
+    let mut t = Latencies::default();
+    for s in stats {
+        if let Ok(l) = s.latencies.lock() {
+            t.add(&l);
+        }
+    }
+    t
+}
+
+/// Histogram bucket bounds, in seconds.
+const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+fn histogram(o: &mut String, name: &str, help: &str, h: &hdrhistogram::Histogram<u64>) {
+    metric(o, name, "histogram", help);
+    let mut sum = 0.0;
+    for v in h.iter_recorded() {
+        sum += v.value_iterated_to() as f64 * v.count_at_value() as f64;
+    }
+    for le in BUCKETS {
+        let us = (le * 1e6) as u64;
+        let n = if h.is_empty() {
+            0
+        } else {
+            h.count_between(0, us)
+        };
+        let _ = writeln!(o, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {}", h.len());
+    let _ = writeln!(o, "{name}_sum {:.6}", sum / 1e6);
+    let _ = writeln!(o, "{name}_count {}", h.len());
 }
 
 /// Prometheus text exposition, one sample per worker.
@@ -309,6 +359,124 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
         "Splice operations (splice data path).",
         &|c| c.splices,
     );
+    let routes = route_totals(stats, cfg);
+    let rl = |i: usize| {
+        cfg.routes[i]
+            .name
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+    };
+    metric(
+        &mut o,
+        "relay_route_connections_opened_total",
+        "counter",
+        "Upgrade requests routed, by route.",
+    );
+    for (i, r) in routes.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "relay_route_connections_opened_total{{route=\"{}\"}} {}",
+            rl(i),
+            r.opened
+        );
+    }
+    metric(
+        &mut o,
+        "relay_route_connections_active",
+        "gauge",
+        "Routed connections open now, by route.",
+    );
+    for (i, r) in routes.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "relay_route_connections_active{{route=\"{}\"}} {}",
+            rl(i),
+            r.active
+        );
+    }
+    metric(
+        &mut o,
+        "relay_route_requests_refused_total",
+        "counter",
+        "Routed requests relay refused, by route and status.",
+    );
+    for (i, r) in routes.iter().enumerate() {
+        for st in Status::ALL {
+            let n = r.refused[st.index()];
+            if n > 0 {
+                let _ = writeln!(
+                    o,
+                    "relay_route_requests_refused_total{{route=\"{}\",status=\"{}\"}} {n}",
+                    rl(i),
+                    st.code()
+                );
+            }
+        }
+    }
+    metric(
+        &mut o,
+        "relay_route_connections_closed_total",
+        "counter",
+        "Routed connections closed, by route and cause.",
+    );
+    for (i, r) in routes.iter().enumerate() {
+        for c in CloseCause::ALL {
+            let _ = writeln!(
+                o,
+                "relay_route_connections_closed_total{{route=\"{}\",cause=\"{}\"}} {}",
+                rl(i),
+                c.label(),
+                r.closed[c.index()]
+            );
+        }
+    }
+    metric(
+        &mut o,
+        "relay_route_bytes_total",
+        "counter",
+        "Bytes relayed, by route and direction.",
+    );
+    for (i, r) in routes.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "relay_route_bytes_total{{route=\"{}\",direction=\"client_to_origin\"}} {}",
+            rl(i),
+            r.bytes_client_to_origin
+        );
+        let _ = writeln!(
+            o,
+            "relay_route_bytes_total{{route=\"{}\",direction=\"origin_to_client\"}} {}",
+            rl(i),
+            r.bytes_origin_to_client
+        );
+    }
+    metric(
+        &mut o,
+        "relay_route_connection_seconds_total",
+        "counter",
+        "Lifetime of closed upgraded connections, by route.",
+    );
+    for (i, r) in routes.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "relay_route_connection_seconds_total{{route=\"{}\"}} {:.3}",
+            rl(i),
+            r.connection_ms as f64 / 1000.0
+        );
+    }
+    let lat = latency_totals(stats);
+    histogram(
+        &mut o,
+        "relay_handshake_seconds",
+        "Accept to the origin's 101 forwarded to the client.",
+        &lat.handshake,
+    );
+    histogram(
+        &mut o,
+        "relay_origin_connect_seconds",
+        "Origin TCP connect time.",
+        &lat.origin_connect,
+    );
     metric(&mut o, "relay_workers", "gauge", "Worker threads.");
     let _ = writeln!(o, "relay_workers {}", stats.len());
     metric(&mut o, "relay_routes", "gauge", "Configured routes.");
@@ -323,8 +491,8 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     o
 }
 
-/// `/v1/stats`: totals and per-worker figures.
-pub fn json(stats: &[Arc<WorkerStats>]) -> String {
+/// `/v1/stats`: totals, per-worker and per-route figures.
+pub fn json(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     let worker = |c: &Counters| {
         serde_json::json!({
             "accepted": c.accepted,
@@ -341,9 +509,36 @@ pub fn json(stats: &[Arc<WorkerStats>]) -> String {
     };
     let workers: Vec<_> = stats.iter().map(|s| worker(&s.snapshot())).collect();
     let t = total(stats);
+    let routes: Vec<_> = route_totals(stats, cfg)
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            serde_json::json!({
+                "name": cfg.routes[i].name,
+                "opened": r.opened,
+                "active": r.active,
+                "bytes_client_to_origin": r.bytes_client_to_origin,
+                "bytes_origin_to_client": r.bytes_origin_to_client,
+                "connection_seconds": r.connection_ms as f64 / 1000.0,
+                "refused": Status::ALL.iter().map(|s| (s.code().to_string(), r.refused[s.index()])).collect::<std::collections::BTreeMap<_, _>>(),
+                "closed": CloseCause::ALL.iter().map(|k| (k.label(), r.closed[k.index()])).collect::<std::collections::BTreeMap<_, _>>(),
+            })
+        })
+        .collect();
+    let lat = latency_totals(stats);
+    let pct = |h: &hdrhistogram::Histogram<u64>| {
+        serde_json::json!({
+            "count": h.len(),
+            "p50_us": h.value_at_quantile(0.5),
+            "p99_us": h.value_at_quantile(0.99),
+            "max_us": h.max(),
+        })
+    };
     serde_json::json!({
         "total": worker(&t),
         "workers": workers,
+        "routes": routes,
+        "latency": {"handshake": pct(&lat.handshake), "origin_connect": pct(&lat.origin_connect)},
         "open_fds": sys::open_fds(),
     })
     .to_string()

@@ -5,6 +5,7 @@
 //! and let live connections finish up to `timeouts.drain`); a second one stops at once.
 //! Workers never block on the control plane: they read its flags once per tick.
 
+pub mod access_log;
 pub mod admin;
 pub mod stats;
 
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::config::Config;
@@ -75,8 +76,15 @@ pub fn run(cfg: Config) -> Result<(), String> {
         "starting relay"
     );
 
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let access_log = match &cfg.access_log {
+        Some(a) => Some(
+            access_log::AccessLog::start(&a.path, a.max_size)
+                .map_err(|e| format!("access_log.path: cannot open {}: {e}", a.path.display()))?,
+        ),
+        None => None,
+    };
     let cfg = Arc::new(cfg);
     let control = Arc::new(Control::default());
     let stats: Vec<Arc<WorkerStats>> = (0..workers).map(|_| Arc::default()).collect();
@@ -94,6 +102,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
             stats: stats[id].clone(),
             control: control.clone(),
             max_connections: max_conns,
+            access_log: access_log.as_ref().map(|a| a.sender.clone()),
         };
         let tx = tx.clone();
         let thread = std::thread::Builder::new()
@@ -131,6 +140,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
         for h in handles {
             let _ = h.thread.join();
         }
+        if let Some(a) = access_log {
+            a.finish();
+        }
         return Err(e);
     }
     tracing::info!(
@@ -146,6 +158,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
     loop {
         for sig in signals.pending() {
             match sig {
+                SIGUSR1 => {
+                    if let Some(a) = &access_log {
+                        a.reopen.store(true, Ordering::Release);
+                        tracing::info!("SIGUSR1: reopening the access log");
+                    }
+                }
                 SIGHUP => tracing::warn!(
                     "SIGHUP: live configuration reload is not supported by this build; \
                      restart relay (with a second process sharing the ports) to change it"
@@ -176,6 +194,10 @@ pub fn run(cfg: Config) -> Result<(), String> {
     }
     if let Some(a) = admin {
         a.stop();
+    }
+    // Workers have handed over their last records; wait until they are on disk.
+    if let Some(a) = access_log {
+        a.finish();
     }
     tracing::info!("relay stopped");
     Ok(())

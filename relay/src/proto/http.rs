@@ -132,6 +132,8 @@ pub struct Upgrade {
     pub accept: String,
     /// The head rewritten for the origin, followed by any bytes that came after the head.
     pub origin_head: Vec<u8>,
+    /// How many bytes came after the head (client data relayed with the head).
+    pub early: usize,
 }
 
 /// How the connection reached relay, for the forwarding headers.
@@ -409,6 +411,7 @@ pub fn parse_upgrade(
         path: path.to_string(),
         accept,
         origin_head: out,
+        early: buf.len() - head_len,
     }))
 }
 

@@ -29,6 +29,12 @@ pub use worker::{run_worker, WorkerHandle, WorkerInit};
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
+use std::time::Instant;
+
+use crate::control::stats::CloseCause;
+
+/// `Session::route` before the request is routed.
+pub const NO_ROUTE: u16 = u16::MAX;
 
 /// Where a session is in its life cycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,6 +231,32 @@ pub struct Handshake {
     pub connect_timed_out: bool,
     /// Passthrough: body bytes still to forward (`None` = until the origin closes).
     pub remaining: Option<u64>,
+    /// When the current origin connect was submitted.
+    pub connect_started: Option<Instant>,
+}
+
+/// What metering and the billing record need beyond the data path.
+#[derive(Debug)]
+pub struct Meta {
+    /// When the connection was accepted (wall-clock start = now − elapsed, at record time).
+    pub accepted: Instant,
+    /// Host and path, boxed and kept only when billing records are written.
+    pub names: Option<Box<(Box<str>, Box<str>)>>,
+    /// 101, relay's refusal status, or the origin's non-101 status; 0 if none yet.
+    pub status: u16,
+    pub cause: Option<CloseCause>,
+}
+
+impl Meta {
+    /// Starts the clock of a connection just accepted.
+    pub fn start() -> Meta {
+        Meta {
+            accepted: Instant::now(),
+            names: None,
+            status: 0,
+            cause: None,
+        }
+    }
 }
 
 /// One client connection and its origin connection.
@@ -242,6 +274,7 @@ pub struct Session {
     pub phase_since: u32,
     pub last_active: u32,
     pub opened: u32,
+    /// Index into the config's routes, or [`NO_ROUTE`].
     pub route: u16,
     /// Index of the origin in its pool, once connected (`u16::MAX` before).
     pub origin_idx: u16,
@@ -251,6 +284,10 @@ pub struct Session {
     pub peer: SocketAddr,
     /// The direction that ended first (for the close cause).
     pub first_end: Option<Dir>,
+    /// Bytes relayed client → origin and origin → client (after the heads).
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub meta: Meta,
 }
 
 impl Session {
@@ -320,7 +357,7 @@ mod tests {
     fn session_stays_small() {
         // An idle relayed connection's user-space cost is this struct plus its slab slot.
         assert!(
-            std::mem::size_of::<Session>() <= 256,
+            std::mem::size_of::<Session>() <= 304,
             "{}",
             std::mem::size_of::<Session>()
         );

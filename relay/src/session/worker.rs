@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::pool::PoolState;
-use super::{Chunk, Dir, Flow, Phase, RecvState, Session, SpliceStage};
+use super::{Chunk, Dir, Flow, Meta, Phase, RecvState, Session, SpliceStage, NO_ROUTE};
 use crate::config::{Config, DataPath};
-use crate::control::stats::{CloseCause, Counters, WorkerStats};
+use crate::control::access_log::{self, Batch, Record};
+use crate::control::stats::{CloseCause, Counters, Latencies, RouteCounters, WorkerStats};
 use crate::control::Control;
 use crate::proto::http::{self, Answer, Forwarding, Reject, Status};
 use crate::reactor::timer::{TimerEntry, TimerWheel};
@@ -36,6 +37,23 @@ const AUTO_BULK_READS: u8 = 8;
 /// Idle pipes kept per worker between ticks.
 const PIPE_POOL_MAX: usize = 64;
 
+/// Counts relayed bytes for the worker, the session's route and the session's record.
+fn count_bytes(c: &mut Counters, routes: &mut [RouteCounters], s: &mut Session, dir: Dir, n: u64) {
+    let r = &mut routes[s.route as usize];
+    match dir {
+        Dir::Up => {
+            c.bytes_client_to_origin += n;
+            r.bytes_client_to_origin += n;
+            s.bytes_up += n;
+        }
+        Dir::Down => {
+            c.bytes_origin_to_client += n;
+            r.bytes_origin_to_client += n;
+            s.bytes_down += n;
+        }
+    }
+}
+
 fn ticks(d: Duration) -> u32 {
     d.as_millis().div_ceil(TICK.as_millis()).max(1) as u32
 }
@@ -48,6 +66,8 @@ pub struct WorkerInit {
     pub stats: Arc<WorkerStats>,
     pub control: Arc<Control>,
     pub max_connections: usize,
+    /// Where billing records go, if enabled.
+    pub access_log: Option<crossbeam_channel::Sender<Batch>>,
 }
 
 /// What the main thread keeps of a worker.
@@ -67,6 +87,11 @@ struct Worker {
     wheel: TimerWheel,
     pools: Vec<PoolState>,
     counters: Counters,
+    routes: Vec<RouteCounters>,
+    latencies: Latencies,
+    /// Billing records waiting for the next tick's hand-off to the writer thread.
+    records: Vec<Record>,
+    access_log: Option<crossbeam_channel::Sender<Batch>>,
     stats: Arc<WorkerStats>,
     control: Arc<Control>,
     epoch: Instant,
@@ -133,6 +158,10 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         wheel: TimerWheel::new(1024, 0),
         pools: cfg.pools.iter().map(PoolState::new).collect(),
         counters: Counters::default(),
+        routes: vec![RouteCounters::default(); cfg.routes.len()],
+        latencies: Latencies::default(),
+        records: Vec::new(),
+        access_log: init.access_log,
         stats: init.stats,
         control: init.control,
         epoch: Instant::now(),
@@ -228,7 +257,25 @@ impl Worker {
         self.stats.publish(c);
     }
 
+    /// Per-route counters, histograms and billing records leave the worker once per tick.
+    fn publish_slow(&mut self) {
+        if let Ok(mut r) = self.stats.routes.lock() {
+            r.clone_from(&self.routes);
+        }
+        if let Ok(mut l) = self.stats.latencies.lock() {
+            l.clone_from(&self.latencies);
+        }
+        if !self.records.is_empty() {
+            if let Some(tx) = &self.access_log {
+                let _ = tx.send(std::mem::take(&mut self.records));
+            } else {
+                self.records.clear();
+            }
+        }
+    }
+
     fn on_tick(&mut self) {
+        self.publish_slow();
         // Idle costs nothing: pipes nobody borrowed during the last tick are closed.
         if !self.pipes_lent_this_tick {
             for (r, w) in self.pipes.drain(..) {
@@ -291,6 +338,7 @@ impl Worker {
             self.free(slot);
         }
         self.publish();
+        self.publish_slow();
         tracing::info!(worker = self.id, "worker stopped");
     }
 
@@ -386,13 +434,16 @@ impl Worker {
             phase_since: self.now,
             last_active: self.now,
             opened: self.now,
-            route: 0,
+            route: NO_ROUTE,
             origin_idx: u16::MAX,
             up: Flow::new(),
             down: Flow::new(),
             hs: None,
             peer,
             first_end: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            meta: Meta::start(),
         });
         tracing::trace!(worker = self.id, slot, fd, %peer, "accepted");
         if self.sessions.len() > self.max_connections {
@@ -540,24 +591,37 @@ impl Worker {
         match parsed {
             Ok(None) => self.arm_recv_once(slot, Dir::Up),
             Err(r) => self.respond(slot, r),
-            Ok(Some(up)) => match self.cfg.route(&up.host, &up.path) {
-                None => self.respond(
-                    slot,
-                    Reject {
-                        status: Status::NotFound,
-                        reason: "no route for this host and path",
-                    },
-                ),
-                Some(r) => {
-                    let s = &mut self.sessions[slot];
-                    s.route = r as u16;
-                    let hs = s.hs.as_mut().expect("handshake state");
-                    hs.accept = up.accept;
-                    hs.origin_head = Some(up.origin_head);
-                    hs.buf = Vec::new();
-                    self.connect_next(slot);
+            Ok(Some(up)) => {
+                let route = self.cfg.route(&up.host, &up.path);
+                let s = &mut self.sessions[slot];
+                // Host and path only matter to the billing record.
+                if self.access_log.is_some() {
+                    let names = (up.host.into_boxed_str(), up.path.into_boxed_str());
+                    s.meta.names = Some(Box::new(names));
                 }
-            },
+                match route {
+                    None => self.respond(
+                        slot,
+                        Reject {
+                            status: Status::NotFound,
+                            reason: "no route for this host and path",
+                        },
+                    ),
+                    Some(r) => {
+                        s.route = r as u16;
+                        self.routes[r].opened += 1;
+                        self.routes[r].active += 1;
+                        // Client bytes that came behind the head go to the origin with it.
+                        let early = up.early as u64;
+                        count_bytes(&mut self.counters, &mut self.routes, s, Dir::Up, early);
+                        let hs = s.hs.as_mut().expect("handshake state");
+                        hs.accept = up.accept;
+                        hs.origin_head = Some(up.origin_head);
+                        hs.buf = Vec::new();
+                        self.connect_next(slot);
+                    }
+                }
+            }
         }
     }
 
@@ -604,6 +668,7 @@ impl Worker {
                 s.phase = Phase::Connecting;
                 s.phase_since = now;
                 s.inflight += 1;
+                hs.connect_started = Some(std::time::Instant::now());
                 let ud = self.tok(Op::Connect, slot);
                 self.reactor.connect(fd, addr, ud);
                 self.arm_timer(slot);
@@ -619,10 +684,15 @@ impl Worker {
             return;
         }
         if c.result == 0 {
-            let head =
-                s.hs.as_mut()
-                    .and_then(|h| h.origin_head.take())
-                    .expect("origin head waits for the connection");
+            let hs = s.hs.as_mut().expect("handshake state");
+            if let Some(t) = hs.connect_started.take() {
+                let us = t.elapsed().as_micros() as u64;
+                self.latencies.origin_connect.saturating_record(us.max(1));
+            }
+            let head = hs
+                .origin_head
+                .take()
+                .expect("origin head waits for the connection");
             s.phase = Phase::OriginHead;
             s.phase_since = now;
             s.up.sending = true;
@@ -716,8 +786,12 @@ impl Worker {
             Answer::Switching => {
                 self.counters.upgraded += 1;
                 s.phase = Phase::Relay;
+                s.meta.status = 101;
+                let us = s.meta.accepted.elapsed().as_micros() as u64;
+                self.latencies.handshake.saturating_record(us.max(1));
             }
-            Answer::Other { body_len, .. } => {
+            Answer::Other { body_len, status } => {
+                s.meta.status = status;
                 let body = (total - head.head_len) as u64;
                 if let Some(len) = body_len {
                     send_len = head.head_len + body.min(len) as usize;
@@ -732,7 +806,13 @@ impl Worker {
         }
         s.phase_since = self.now;
         s.last_active = self.now;
-        self.counters.bytes_origin_to_client += (send_len - head.head_len) as u64;
+        let owned = (!in_place).then(|| {
+            let mut bytes = std::mem::take(&mut hs.buf);
+            bytes.truncate(send_len);
+            bytes
+        });
+        let body = (send_len - head.head_len) as u64;
+        count_bytes(&mut self.counters, &mut self.routes, s, Dir::Down, body);
         let client_send = Token::new(Op::ClientSend, slot as u32, s.gen).encode();
         if in_place {
             // Zero copy: the 101 (and any frame behind it) goes out of the ring buffer.
@@ -742,10 +822,8 @@ impl Worker {
                 len: send_len as u16,
             });
             self.start_send(slot, Dir::Down);
-        } else {
+        } else if let Some(bytes) = owned {
             self.reactor.recycle(bid);
-            let mut bytes = std::mem::take(&mut hs.buf);
-            bytes.truncate(send_len);
             s.down.sending = true;
             s.inflight += 1;
             self.reactor.send_bytes(s.client, bytes, 0, client_send);
@@ -796,10 +874,7 @@ impl Worker {
                 self.reactor.recycle(bid);
             } else {
                 s.last_active = now;
-                match dir {
-                    Dir::Up => self.counters.bytes_client_to_origin += n,
-                    Dir::Down => self.counters.bytes_origin_to_client += n,
-                }
+                count_bytes(&mut self.counters, &mut self.routes, s, dir, n);
                 let f = s.flow_mut(dir);
                 f.queue.push(Chunk {
                     bid,
@@ -1028,6 +1103,11 @@ impl Worker {
     /// Answers the client with relay's own error status, then lingers and closes.
     fn respond(&mut self, slot: usize, r: Reject) {
         self.counters.refused[r.status.index()] += 1;
+        let route = self.sessions[slot].route;
+        if route != NO_ROUTE {
+            self.routes[route as usize].refused[r.status.index()] += 1;
+        }
+        self.sessions[slot].meta.status = r.status.code();
         tracing::debug!(
             worker = self.id,
             status = r.status.code(),
@@ -1076,16 +1156,24 @@ impl Worker {
     }
 
     fn begin_close(&mut self, slot: usize, cause: CloseCause) {
-        let now = self.now;
         let s = &mut self.sessions[slot];
         if s.phase == Phase::Closing {
             return;
         }
         let was_relaying = matches!(s.phase, Phase::Relay);
         s.phase = Phase::Closing;
+        s.meta.cause = Some(cause);
         self.counters.closed[cause.index()] += 1;
-        if was_relaying {
-            self.counters.connection_ms += (now - s.opened) as u64 * TICK.as_millis() as u64;
+        let route = (s.route != NO_ROUTE).then(|| &mut self.routes[s.route as usize]);
+        let ms = if was_relaying {
+            s.meta.accepted.elapsed().as_millis() as u64
+        } else {
+            0
+        };
+        self.counters.connection_ms += ms;
+        if let Some(r) = route {
+            r.closed[cause.index()] += 1;
+            r.connection_ms += ms;
         }
         if s.inflight > 0 {
             let ud = Token::new(Op::Cancel, slot as u32, s.gen).encode();
@@ -1130,9 +1218,38 @@ impl Worker {
                 sys::close(f.pipe.1);
             }
         }
+        let mut origin = String::new();
         if s.origin_idx != u16::MAX {
             let pool = self.cfg.routes[s.route as usize].pool;
             self.pools[pool].release(s.origin_idx as usize);
+            origin = self.cfg.pools[pool].origins[s.origin_idx as usize].to_string();
+        }
+        let route = if s.route != NO_ROUTE {
+            self.routes[s.route as usize].active -= 1;
+            self.cfg.routes[s.route as usize].name.clone()
+        } else {
+            String::new()
+        };
+        if self.access_log.is_some() {
+            let m = s.meta;
+            let (host, path) = m.names.map(|n| *n).unwrap_or_default();
+            let end = std::time::SystemTime::now();
+            let lived = m.accepted.elapsed();
+            self.records.push(Record {
+                start: access_log::rfc3339(end - lived),
+                end: access_log::rfc3339(end),
+                duration_ms: lived.as_millis() as u64,
+                client: s.peer.to_string(),
+                host: host.into(),
+                path: path.into(),
+                route,
+                origin,
+                status: m.status,
+                bytes_client_to_origin: s.bytes_up,
+                bytes_origin_to_client: s.bytes_down,
+                cause: m.cause.unwrap_or(CloseCause::Drain).label(),
+                worker: self.id,
+            });
         }
     }
 
@@ -1272,10 +1389,7 @@ impl Worker {
             SpliceStage::In if res > 0 => {
                 let n = res as u32;
                 s.last_active = now;
-                match dir {
-                    Dir::Up => self.counters.bytes_client_to_origin += n as u64,
-                    Dir::Down => self.counters.bytes_origin_to_client += n as u64,
-                }
+                count_bytes(&mut self.counters, &mut self.routes, s, dir, n as u64);
                 let dst = s.dst(dir);
                 let f = s.flow_mut(dir);
                 f.in_pipe = n;

@@ -491,8 +491,13 @@ pub async fn read_server_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
 
 /// Opens a raw upgraded connection (tokio), returning the stream after the 101 head.
 pub async fn raw_upgrade(addr: SocketAddr, path: &str) -> TcpStream {
+    raw_upgrade_host(addr, "test.local", path).await
+}
+
+/// Like [`raw_upgrade`], with a chosen Host header.
+pub async fn raw_upgrade_host(addr: SocketAddr, host: &str, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(upgrade_request("test.local", path).as_bytes())
+    s.write_all(upgrade_request(host, path).as_bytes())
         .await
         .unwrap();
     let mut head = Vec::new();

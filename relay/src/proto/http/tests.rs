@@ -60,6 +60,7 @@ fn bytes_after_the_head_are_kept() {
     s.push_str("\u{81}\u{85}frame");
     let u = parse(&s).unwrap().unwrap();
     assert!(u.origin_head.ends_with("\u{81}\u{85}frame".as_bytes()));
+    assert_eq!(u.early, "\u{81}\u{85}frame".len());
 }
 
 #[test]
