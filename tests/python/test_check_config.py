@@ -89,11 +89,6 @@ def test_good_file_prints_resolved_config_and_exits_0(relay_bin, tmp_path):
     assert r.stderr == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay bug: check-config prints `admin = \"ADDR\"` (top level) but the schema "
-    "wants `[admin] address = \"ADDR\"`, so the resolved output is not a valid config",
-)
 def test_resolved_output_is_itself_a_valid_config(relay_bin, tmp_path):
     f = tmp_path / "good.toml"
     f.write_text(GOOD)

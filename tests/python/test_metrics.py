@@ -149,12 +149,6 @@ def test_refused_requests_add_no_relayed_bytes(echo_relay):
     assert echo_relay.metric_sum("relay_connections_closed_total", cause="refused") == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay bug: bytes that follow the client's upgrade head in the same read are "
-    "relayed to the origin but never added to relay_bytes_total{direction=client_to_origin} "
-    "(session/worker.rs client_head; origin_head counts its side)",
-)
 def test_frame_in_same_write_as_request_head_is_counted(echo_relay):
     """A client frame that arrives in the same read as the upgrade head is relayed (it
     reaches the origin, whose echo comes back) and must be metered like any other."""
