@@ -64,6 +64,20 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Live terminal view of a running relay: per-worker connections, accepts/s, bytes/s
+    /// each way, and per-route totals, polled from the admin listener's /v1/stats.
+    Top {
+        /// Admin listener of the relay to watch.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+        admin: String,
+        /// Seconds between polls (fractions allowed).
+        #[arg(long, value_name = "SECONDS", default_value = "1",
+              value_parser = relay::control::top::parse_interval)]
+        interval: std::time::Duration,
+        /// Print one frame (rates over one interval) without escape codes, then exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {
@@ -135,6 +149,26 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+
+    if let Some(Command::Top {
+        admin,
+        interval,
+        once,
+    }) = &cli.command
+    {
+        let opts = relay::control::top::Options {
+            admin: admin.clone(),
+            interval: *interval,
+            once: *once,
+        };
+        return match relay::control::top::run(&opts) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("relay top: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
 
     if let Some(Command::CheckConfig { file }) = &cli.command {
         let text = match std::fs::read_to_string(file) {

@@ -91,6 +91,16 @@ fn serve(c: &mut TcpStream, stats: &[Arc<WorkerStats>], cfg: &Config) -> std::io
                 body.as_bytes(),
             )
         }
+        "/" => respond(
+            c,
+            200,
+            "text/html; charset=utf-8",
+            super::dashboard::PAGE.as_bytes(),
+        ),
+        "/v1/live" => {
+            let (stats, cfg) = (stats.to_vec(), cfg.clone());
+            super::dashboard::serve_live(c, &buf[..n], move || json(&stats, &cfg))
+        }
         "/healthz" => respond(c, 200, "text/plain", b"ok\n"),
         "/readyz" => {
             if stats.iter().all(|s| s.ready.load(Ordering::Acquire)) {

@@ -7,7 +7,9 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod dashboard;
 pub mod stats;
+pub mod top;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
