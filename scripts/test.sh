@@ -32,6 +32,13 @@ if [ -d tests/python ]; then
         .venv/bin/python -m pytest tests/python -q
 fi
 
+if [ -d tests/browser ]; then
+    step "Browser tests (headless Chromium: the admin dashboard)"
+    scripts/setup-browser.sh
+    RELAY_BIN="$PWD/target/debug/relay" RELAY_BENCH_BIN="$PWD/target/debug/relay-bench" \
+        .venv/bin/python -m pytest tests/browser -q
+fi
+
 step "tuning profile round trip"
 if [ "$(id -u)" = 0 ]; then
     scripts/test-tune.sh

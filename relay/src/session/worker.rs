@@ -38,6 +38,13 @@ const AUTO_BULK_READS: u8 = 8;
 const PIPE_POOL_MAX: usize = 64;
 
 /// Counts relayed bytes for the worker, the session's route and the session's record.
+#[cfg(not(feature = "metering"))]
+#[inline(always)]
+fn count_bytes(_: &mut Counters, _: &mut [RouteCounters], _: &mut Session, _: Dir, _: u64) {}
+
+/// Counts relayed bytes for the worker, the session's route and the session's record.
+#[cfg(feature = "metering")]
+#[inline(always)]
 fn count_bytes(c: &mut Counters, routes: &mut [RouteCounters], s: &mut Session, dir: Dir, n: u64) {
     let r = &mut routes[s.route as usize];
     match dir {
