@@ -183,6 +183,20 @@ impl BufRing {
         }
     }
 
+    /// The kernel found the ring empty (`ENOBUFS`): double what is provided, up to the
+    /// configured count. Returns how many buffers were added.
+    pub fn exhausted(&mut self) -> u16 {
+        // Several receives can report the same exhaustion in one batch: grow once.
+        if self.available() > 0 {
+            return 0;
+        }
+        let n = self.provided.min(self.max - self.provided);
+        if n > 0 {
+            self.provide_more(n);
+        }
+        n
+    }
+
     /// The first `len` bytes of buffer `bid`.
     pub fn slice(&self, bid: u16, len: usize) -> &[u8] {
         assert!(bid < self.provided && len <= self.buf_size as usize);

@@ -230,6 +230,11 @@ impl Reactor {
         self.bufs.recycle(bid);
     }
 
+    /// A receive found the buffer ring empty: grow it (see [`BufRing::exhausted`]).
+    pub fn buffers_exhausted(&mut self) -> u16 {
+        self.bufs.exhausted()
+    }
+
     /// In-flight operations that hold side storage (for leak checks).
     pub fn kept_len(&self) -> usize {
         self.kept.len()

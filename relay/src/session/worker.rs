@@ -533,6 +533,7 @@ impl Worker {
 
     fn starve(&mut self, slot: usize, dir: Dir) {
         self.counters.enobufs += 1;
+        self.reactor.buffers_exhausted();
         let gen = self.sessions[slot].gen;
         self.starved.push((slot as u32, gen, dir));
     }
