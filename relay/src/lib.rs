@@ -1,5 +1,6 @@
 //! relay: a thread-per-core io_uring WebSocket relay for CDN edge servers.
 //!
+//! - [`apps`]: origin-less edge apps (echo, rooms);
 //! - [`config`]: the TOML schema and its validation;
 //! - [`proto`]: sans-IO HTTP upgrade handling;
 //! - [`reactor`]: the io_uring event loop (the only module with `unsafe`);
@@ -8,6 +9,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod apps;
 pub mod config;
 pub mod control;
 pub mod proto;

@@ -117,11 +117,60 @@ pub struct Route {
     pub name: String,
     pub host: HostMatch,
     pub path: String,
-    /// Index into [`Config::pools`].
+    /// Where the upgrade goes.
     #[serde(skip)]
-    pub pool: usize,
-    #[serde(rename = "pool")]
-    pub pool_name: String,
+    pub target: Target,
+    #[serde(rename = "pool", skip_serializing_if = "Option::is_none")]
+    pub pool_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppKind>,
+}
+
+/// What a route sends its requests to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// An origin pool (index into [`Config::pools`]).
+    Pool(usize),
+    /// An edge app that relay runs itself.
+    App(AppKind),
+}
+
+/// The origin-less edge apps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppKind {
+    /// Sends every message back.
+    Echo,
+    /// Pub/sub: the path below the route's prefix names the room.
+    Rooms,
+    /// The demo page (HTML, plain GET); not a WebSocket endpoint.
+    Demo,
+}
+
+/// Settings of the edge apps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Apps {
+    /// Largest message an app accepts (close 1009 past it).
+    pub max_message_size: u64,
+    /// Ping an app connection that has been quiet this long; `None` = never.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub ping_interval: Option<Duration>,
+    /// Close a connection whose pong has not come within this.
+    #[serde(serialize_with = "ser_duration")]
+    pub pong_timeout: Duration,
+    /// Messages a room member may have waiting before it counts as slow.
+    pub room_queue: u32,
+    /// What happens to a slow member: close it (1008) or drop its messages (counted).
+    pub slow_member: SlowMember,
+    /// Bearer token of the publish API (`POST /v1/rooms/{name}/messages`); empty = disabled.
+    pub publish_token: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowMember {
+    Close,
+    Drop,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -183,6 +232,7 @@ pub struct Config {
     pub limits: Limits,
     pub buffers: Buffers,
     pub access_log: Option<AccessLog>,
+    pub apps: Apps,
     #[serde(rename = "pool")]
     pub pools: Vec<Pool>,
     #[serde(rename = "route")]
@@ -198,6 +248,13 @@ fn ser_admin<S: serde::Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok
         None => t.serialize_field("address", "off")?,
     }
     t.end()
+}
+
+fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_str("off"),
+    }
 }
 
 fn ser_auto<S: serde::Serializer, T: Serialize>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
@@ -466,6 +523,40 @@ impl Config {
             }),
         };
 
+        let a = &raw.apps;
+        let apps = Apps {
+            max_message_size: parse_size(
+                "apps.max_message_size",
+                &a.max_message_size.to_string_value(),
+            )?,
+            ping_interval: match a.ping_interval.as_str() {
+                "off" | "" => None,
+                v => Some(parse_duration("apps.ping_interval", v)?),
+            },
+            pong_timeout: parse_duration("apps.pong_timeout", &a.pong_timeout)?,
+            room_queue: a.room_queue,
+            slow_member: match a.slow_member.as_str() {
+                "close" => SlowMember::Close,
+                "drop" => SlowMember::Drop,
+                other => {
+                    return Err(ConfigError::new(
+                        "apps.slow_member",
+                        format!("{other:?} is not \"close\" or \"drop\""),
+                    ))
+                }
+            },
+            publish_token: a.publish_token.clone(),
+        };
+        if apps.room_queue == 0 {
+            return Err(ConfigError::new("apps.room_queue", "must be at least 1"));
+        }
+        if apps.max_message_size == 0 {
+            return Err(ConfigError::new(
+                "apps.max_message_size",
+                "must be at least 1",
+            ));
+        }
+
         let mut pools: Vec<Pool> = Vec::new();
         for (i, p) in raw.pools.iter().enumerate() {
             let k = |f: &str| format!("pool[{i}].{f}");
@@ -541,6 +632,46 @@ impl Config {
                     format!("{:?} must start with '/'", r.path),
                 ));
             }
+            let app = match r.app.as_str() {
+                "" => None,
+                "echo" => Some(AppKind::Echo),
+                "rooms" => Some(AppKind::Rooms),
+                "demo" => Some(AppKind::Demo),
+                other => {
+                    return Err(ConfigError::new(
+                        k("app"),
+                        format!("{other:?} is not an app; use \"echo\", \"rooms\" or \"demo\""),
+                    ))
+                }
+            };
+            if let Some(app) = app {
+                if !r.pool.is_empty() {
+                    return Err(ConfigError::new(
+                        k("app"),
+                        "a route sends to a pool or to an app, not both",
+                    ));
+                }
+                let name = if r.name.is_empty() {
+                    format!("route{i}")
+                } else {
+                    r.name.clone()
+                };
+                routes.push(Route {
+                    name,
+                    host,
+                    path: r.path.clone(),
+                    target: Target::App(app),
+                    pool_name: None,
+                    app: Some(app),
+                });
+                continue;
+            }
+            if r.pool.is_empty() {
+                return Err(ConfigError::new(
+                    k("pool"),
+                    "a route needs pool = \"<name>\" or app = \"echo\" | \"rooms\" | \"demo\"",
+                ));
+            }
             let pool = pools.iter().position(|p| p.name == r.pool).ok_or_else(|| {
                 let names: Vec<String> = pools.iter().map(|p| format!("{:?}", p.name)).collect();
                 ConfigError::new(
@@ -565,8 +696,9 @@ impl Config {
                 name,
                 host,
                 path: r.path.clone(),
-                pool,
-                pool_name: r.pool.clone(),
+                target: Target::Pool(pool),
+                pool_name: Some(r.pool.clone()),
+                app: None,
             });
         }
 
@@ -579,6 +711,7 @@ impl Config {
             limits,
             buffers,
             access_log,
+            apps,
             pools,
             routes,
         })

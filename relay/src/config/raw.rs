@@ -39,6 +39,7 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub buffers: RawBuffers,
     pub access_log: RawAccessLog,
+    pub apps: RawApps,
     #[serde(rename = "pool")]
     pub pools: Vec<RawPool>,
     #[serde(rename = "route")]
@@ -149,6 +150,30 @@ impl Default for RawBuffers {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct RawApps {
+    pub max_message_size: Size,
+    pub ping_interval: String,
+    pub pong_timeout: String,
+    pub room_queue: u32,
+    pub slow_member: String,
+    pub publish_token: String,
+}
+
+impl Default for RawApps {
+    fn default() -> Self {
+        RawApps {
+            max_message_size: Size::Bytes(1 << 20),
+            ping_interval: "30s".into(),
+            pong_timeout: "10s".into(),
+            room_queue: 1024,
+            slow_member: "close".into(),
+            publish_token: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RawAccessLog {
     pub path: String,
     pub max_size: Size,
@@ -192,6 +217,7 @@ pub struct RawRoute {
     pub host: String,
     pub path: String,
     pub pool: String,
+    pub app: String,
 }
 
 impl Default for RawRoute {
@@ -201,6 +227,7 @@ impl Default for RawRoute {
             host: "*".into(),
             path: "/".into(),
             pool: String::new(),
+            app: String::new(),
         }
     }
 }
@@ -216,6 +243,7 @@ impl Default for RawConfig {
             limits: RawLimits::default(),
             buffers: RawBuffers::default(),
             access_log: RawAccessLog::default(),
+            apps: RawApps::default(),
             pools: Vec::new(),
             routes: Vec::new(),
         }

@@ -43,8 +43,8 @@ fn parses_a_full_config() {
     assert_eq!(c.limits.max_head_bytes, 8192);
     assert_eq!(c.pools[0].balance, Balance::LeastConnections);
     assert_eq!(c.pools[0].source_addresses.len(), 2);
-    assert_eq!(c.routes[0].pool, 0);
-    assert_eq!(c.routes[1].pool, 1);
+    assert_eq!(c.routes[0].target, Target::Pool(0));
+    assert_eq!(c.routes[1].target, Target::Pool(1));
 }
 
 #[test]
@@ -190,4 +190,33 @@ name = "default"
 pool = "chat"
 "#;
     assert_eq!(Config::from_toml(bare).unwrap(), c);
+}
+
+#[test]
+fn app_routes() {
+    let c = Config::from_toml(
+        r#"
+[[listener]]
+address = "127.0.0.1:1"
+[apps]
+publish_token = "s3cret"
+slow_member = "drop"
+[[route]]
+path = "/echo"
+app = "echo"
+[[route]]
+path = "/rooms/"
+app = "rooms"
+"#,
+    )
+    .unwrap();
+    assert_eq!(c.routes[0].target, Target::App(AppKind::Echo));
+    assert_eq!(c.routes[1].target, Target::App(AppKind::Rooms));
+    assert_eq!(c.apps.slow_member, SlowMember::Drop);
+    assert_eq!(c.apps.ping_interval, Some(Duration::from_secs(30)));
+    assert_eq!(Config::from_toml(&c.to_toml()).unwrap(), c);
+    let e = err("[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\napp = \"chat\"\n");
+    assert!(e.starts_with("route[0].app:"), "{e}");
+    let e = err("[[listener]]\naddress = \"127.0.0.1:1\"\n[[route]]\npath = \"/\"\n");
+    assert!(e.starts_with("route[0].pool: a route needs"), "{e}");
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::stats::{CloseCause, Counters, Latencies, RouteCounters, WorkerStats};
+use crate::apps::{RoomHub, RoomMsg};
 use crate::config::Config;
 use crate::proto::Status;
 use crate::reactor::sys;
@@ -36,6 +37,7 @@ pub fn start(
     addr: SocketAddr,
     stats: Vec<Arc<WorkerStats>>,
     cfg: Arc<Config>,
+    hub: Arc<RoomHub>,
 ) -> std::io::Result<Admin> {
     let listener = TcpListener::bind(addr)?;
     let addr = listener.local_addr()?;
@@ -49,14 +51,19 @@ pub fn start(
                     break;
                 }
                 if let Ok(mut c) = conn {
-                    let _ = serve(&mut c, &stats, &cfg);
+                    let _ = serve(&mut c, &stats, &cfg, &hub);
                 }
             }
         })?;
     Ok(Admin { stop, addr, thread })
 }
 
-fn serve(c: &mut TcpStream, stats: &[Arc<WorkerStats>], cfg: &Config) -> std::io::Result<()> {
+fn serve(
+    c: &mut TcpStream,
+    stats: &[Arc<WorkerStats>],
+    cfg: &Config,
+    hub: &RoomHub,
+) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = [0u8; 4096];
@@ -70,11 +77,20 @@ fn serve(c: &mut TcpStream, stats: &[Arc<WorkerStats>], cfg: &Config) -> std::io
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..n]) {
-            Ok(httparse::Status::Complete(_)) => {
-                if req.method != Some("GET") && req.method != Some("HEAD") {
-                    return respond(c, 405, "text/plain", b"only GET\n");
+            Ok(httparse::Status::Complete(head_len)) => {
+                let path = req.path.unwrap_or("/").to_string();
+                if req.method == Some("POST") {
+                    return publish(c, &req, &buf[head_len..n], &path, cfg, hub);
                 }
-                break req.path.unwrap_or("/").to_string();
+                if req.method != Some("GET") && req.method != Some("HEAD") {
+                    return respond(
+                        c,
+                        405,
+                        "text/plain",
+                        b"only GET, and POST to /v1/rooms/{name}/messages\n",
+                    );
+                }
+                break path;
             }
             Ok(httparse::Status::Partial) if n < buf.len() => continue,
             _ => return respond(c, 400, "text/plain", b"bad request\n"),
@@ -102,6 +118,20 @@ fn serve(c: &mut TcpStream, stats: &[Arc<WorkerStats>], cfg: &Config) -> std::io
             super::dashboard::serve_live(c, &buf[..n], move || json(&stats, &cfg))
         }
         "/healthz" => respond(c, 200, "text/plain", b"ok\n"),
+        "/v1/rooms" => {
+            let mut rooms: Vec<(String, u32)> = hub
+                .members()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            rooms.sort();
+            let list: Vec<_> = rooms
+                .iter()
+                .map(|(name, members)| serde_json::json!({"name": name, "members": members}))
+                .collect();
+            let body = serde_json::json!({ "rooms": list }).to_string();
+            respond(c, 200, "application/json", body.as_bytes())
+        }
         "/readyz" => {
             if stats.iter().all(|s| s.ready.load(Ordering::Acquire)) {
                 respond(c, 200, "text/plain", b"ready\n")
@@ -117,16 +147,105 @@ fn serve(c: &mut TcpStream, stats: &[Arc<WorkerStats>], cfg: &Config) -> std::io
     }
 }
 
+/// `POST /v1/rooms/{name}/messages`: the body is one message to every member of the room,
+/// on every worker. Text when the content type is `text/*` or JSON, binary otherwise.
+fn publish(
+    c: &mut TcpStream,
+    req: &httparse::Request<'_, '_>,
+    first: &[u8],
+    path: &str,
+    cfg: &Config,
+    hub: &RoomHub,
+) -> std::io::Result<()> {
+    let path = path.split('?').next().unwrap_or("");
+    let Some(room) = path
+        .strip_prefix("/v1/rooms/")
+        .and_then(|r| r.strip_suffix("/messages"))
+        .filter(|r| !r.is_empty() && !r.contains('/') && r.len() <= 128)
+    else {
+        return respond(c, 404, "text/plain", b"POST /v1/rooms/{name}/messages\n");
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+    };
+    let token = &cfg.apps.publish_token;
+    if token.is_empty() {
+        return respond(
+            c,
+            403,
+            "text/plain",
+            b"publish API disabled: set apps.publish_token\n",
+        );
+    }
+    let expected = format!("Bearer {token}");
+    if header("authorization").as_deref() != Some(expected.as_str()) {
+        return respond(c, 401, "text/plain", b"missing or wrong bearer token\n");
+    }
+    let Some(len) = header("content-length").and_then(|v| v.parse::<u64>().ok()) else {
+        return respond(c, 411, "text/plain", b"Content-Length required\n");
+    };
+    if len > cfg.apps.max_message_size {
+        return respond(
+            c,
+            413,
+            "text/plain",
+            b"message larger than apps.max_message_size\n",
+        );
+    }
+    let mut body = first[..first.len().min(len as usize)].to_vec();
+    body.resize(len as usize, 0);
+    let have = first.len().min(len as usize);
+    c.read_exact(&mut body[have..])?;
+    let ctype = header("content-type")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let text = ctype.starts_with("text/") || ctype.starts_with("application/json");
+    if text && simdutf8::basic::from_utf8(&body).is_err() {
+        return respond(c, 400, "text/plain", b"text body is not UTF-8\n");
+    }
+    let kind = if text {
+        crate::proto::ws::DataKind::Text
+    } else {
+        crate::proto::ws::DataKind::Binary
+    };
+    let mut frame = Vec::with_capacity(body.len() + 10);
+    crate::proto::ws::write_message(&mut frame, kind, &body);
+    let members = hub.members().get(room).copied().unwrap_or(0);
+    hub.broadcast(
+        RoomMsg {
+            room: Arc::from(room),
+            frame: Arc::from(frame),
+        },
+        None,
+    );
+    let answer =
+        serde_json::json!({"room": room, "members": members, "bytes": body.len()}).to_string();
+    respond(c, 202, "application/json", answer.as_bytes())
+}
+
 fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &[u8]) -> std::io::Result<()> {
     let reason = match code {
         200 => "OK",
+        202 => "Accepted",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         _ => "Service Unavailable",
     };
+    let auth = if code == 401 {
+        "WWW-Authenticate: Bearer\r\n"
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     c.write_all(head.as_bytes())?;

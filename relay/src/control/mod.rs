@@ -90,6 +90,9 @@ pub fn run(cfg: Config) -> Result<(), String> {
     let cfg = Arc::new(cfg);
     let control = Arc::new(Control::default());
     let stats: Vec<Arc<WorkerStats>> = (0..workers).map(|_| Arc::default()).collect();
+    let (hub, inboxes) =
+        crate::apps::RoomHub::new(workers).map_err(|e| format!("cannot create room hub: {e}"))?;
+    let mut inboxes = inboxes.into_iter();
     let (tx, rx) = crossbeam_channel::unbounded();
     let mut handles = Vec::new();
     for id in 0..workers {
@@ -105,6 +108,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
             control: control.clone(),
             max_connections: max_conns,
             access_log: access_log.as_ref().map(|a| a.sender.clone()),
+            hub: hub.clone(),
+            inbox: inboxes.next().expect("one inbox per worker"),
         };
         let tx = tx.clone();
         let thread = std::thread::Builder::new()
@@ -127,7 +132,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     }
     let admin = match (&failure, cfg.admin) {
-        (None, Some(addr)) => match admin::start(addr, stats.clone(), cfg.clone()) {
+        (None, Some(addr)) => match admin::start(addr, stats.clone(), cfg.clone(), hub.clone()) {
             Ok(a) => Some(a),
             Err(e) => {
                 failure = Some(format!("cannot listen on admin.address {addr}: {e}"));

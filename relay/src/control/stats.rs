@@ -129,6 +129,18 @@ pub struct Counters {
     pub bufs_provided: u64,
     pub bufs_checked_out: u64,
     pub splices: u64,
+    /// Edge apps: messages received from clients, and frames sent to them.
+    pub app_messages_in: u64,
+    pub app_frames_out: u64,
+    /// Clients closed for breaking the protocol, by the close code relay sent.
+    pub ws_close_1002: u64,
+    pub ws_close_1007: u64,
+    pub ws_close_1009: u64,
+    /// Room messages dropped for a slow member, and slow members closed with 1008.
+    pub room_dropped: u64,
+    pub room_slow_closed: u64,
+    pub pings_sent: u64,
+    pub pong_timeouts: u64,
 }
 
 macro_rules! atomic_mirror {
@@ -164,7 +176,8 @@ macro_rules! atomic_mirror {
 atomic_mirror!(
     accepted, active, upgraded, bytes_client_to_origin, bytes_origin_to_client, connection_ms,
     origin_connect_failures, accept_errors, enobufs, submitted, completed, cq_overflows,
-    bufs_provided, bufs_checked_out, splices;
+    bufs_provided, bufs_checked_out, splices, app_messages_in, app_frames_out, ws_close_1002,
+    ws_close_1007, ws_close_1009, room_dropped, room_slow_closed, pings_sent, pong_timeouts;
     refused: Status::ALL.len(), closed: CloseCause::ALL.len()
 );
 

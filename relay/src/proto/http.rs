@@ -415,6 +415,49 @@ pub fn parse_upgrade(
     }))
 }
 
+/// A complete plain `GET` (no upgrade): its lower-case host (no port) and path, for pages
+/// relay serves itself. `None` for anything else.
+pub fn plain_get(buf: &[u8]) -> Option<(String, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return None,
+    }
+    if req.method != Some("GET") {
+        return None;
+    }
+    let path = req.path.filter(|p| p.starts_with('/'))?.to_string();
+    let mut hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let host = host_of(hosts.next()?.value)?;
+    if hosts.next().is_some() {
+        return None;
+    }
+    Some((host, path))
+}
+
+/// A `200 OK` page relay serves itself, closed after the body.
+pub fn page_response(content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\nServer: relay\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// The `101` relay answers itself for an edge app.
+pub fn switching_response(accept: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 /// What the origin answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {

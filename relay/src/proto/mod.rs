@@ -4,5 +4,6 @@
 //! panic on them; the fuzz targets in `fuzz/` hold it to that.
 
 pub mod http;
+pub mod ws;
 
 pub use http::{Reject, Status};

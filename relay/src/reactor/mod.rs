@@ -29,6 +29,7 @@ pub mod token;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -106,6 +107,8 @@ pub struct Completion {
     pub flags: u32,
     /// For a send of heap bytes: the bytes, handed back.
     pub bytes: Option<Vec<u8>>,
+    /// For a send of shared bytes: the shared buffer, handed back.
+    pub shared: Option<Arc<[u8]>>,
 }
 
 impl Completion {
@@ -131,6 +134,8 @@ struct Gather {
 
 enum Kept {
     Bytes(Vec<u8>),
+    /// A frame many connections send (a room broadcast): framed once, sent by reference.
+    Shared(Arc<[u8]>),
     /// Read by the kernel until the completion; never touched by user space meanwhile.
     Gather(#[allow(dead_code)] Box<Gather>),
     /// Read by the kernel during submission; held until the completion.
@@ -366,6 +371,20 @@ impl Reactor {
         self.push(e);
     }
 
+    /// Sends `data[off..]` of a shared buffer; the reference comes back in the completion.
+    pub fn send_shared(&mut self, fd: RawFd, data: Arc<[u8]>, off: usize, user_data: u64) {
+        assert!(off <= data.len());
+        let p = data[off..].as_ptr();
+        let len = (data.len() - off) as u32;
+        // The Arc keeps the allocation alive (and unmoved) until the final completion.
+        let ud = self.keep(user_data, Kept::Shared(data));
+        let e = opcode::Send::new(types::Fd(fd), p, len)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ud);
+        self.push(e);
+    }
+
     /// Connects `fd` to `addr`.
     pub fn connect(&mut self, fd: RawFd, addr: std::net::SocketAddr, user_data: u64) {
         let sa = Box::new(sys::sockaddr(addr));
@@ -467,11 +486,14 @@ impl Reactor {
                     let mut ud = cqe.user_data();
                     let flags = cqe.flags();
                     let mut bytes = None;
+                    let mut shared = None;
                     if ud & KEEP_BIT != 0 {
                         // Side storage is released with the final completion only.
                         if !cqueue::more(flags) {
-                            if let Some(Kept::Bytes(b)) = self.kept.remove(&ud) {
-                                bytes = Some(b);
+                            match self.kept.remove(&ud) {
+                                Some(Kept::Bytes(b)) => bytes = Some(b),
+                                Some(Kept::Shared(b)) => shared = Some(b),
+                                _ => {}
                             }
                         }
                         ud &= !KEEP_BIT;
@@ -481,6 +503,7 @@ impl Reactor {
                         result: cqe.result(),
                         flags,
                         bytes,
+                        shared,
                     });
                 }
             }

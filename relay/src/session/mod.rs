@@ -54,6 +54,11 @@ pub enum Phase {
     /// Answer sent and write side shut; reading and discarding until the client closes, so
     /// that closing does not reset the connection before the client read the answer.
     Lingering,
+    /// An edge app connection: relay answered the upgrade and speaks WebSocket itself.
+    App,
+    /// An edge app connection after relay sent (or answered) a close frame: sending what is
+    /// queued, then waiting for the client to close.
+    AppClosing,
     /// Operations cancelled; waiting for their completions before the slot is freed.
     Closing,
 }
@@ -259,6 +264,30 @@ impl Meta {
     }
 }
 
+/// A frame on its way to an app client.
+#[derive(Debug)]
+pub enum Frame {
+    Owned(Vec<u8>),
+    /// Framed once, sent to many (a room message).
+    Shared(std::sync::Arc<[u8]>),
+}
+
+/// State of an edge app connection (boxed; only app sessions have one).
+#[derive(Debug)]
+pub struct AppConn {
+    pub kind: crate::config::AppKind,
+    pub decoder: crate::proto::ws::Decoder,
+    /// Frames waiting to be sent (the one in flight is held by the reactor).
+    pub out: std::collections::VecDeque<Frame>,
+    /// Bytes of the in-flight shared frame already sent (short writes).
+    pub shared_off: usize,
+    /// The room and this member's index in the worker's member list.
+    pub room: Option<(std::sync::Arc<str>, usize)>,
+    pub close_sent: bool,
+    /// A ping went out and its pong has not come back.
+    pub ping_out: bool,
+}
+
 /// One client connection and its origin connection.
 #[derive(Debug)]
 pub struct Session {
@@ -288,6 +317,7 @@ pub struct Session {
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub meta: Meta,
+    pub app: Option<Box<AppConn>>,
 }
 
 impl Session {
@@ -357,7 +387,7 @@ mod tests {
     fn session_stays_small() {
         // An idle relayed connection's user-space cost is this struct plus its slab slot.
         assert!(
-            std::mem::size_of::<Session>() <= 304,
+            std::mem::size_of::<Session>() <= 312,
             "{}",
             std::mem::size_of::<Session>()
         );

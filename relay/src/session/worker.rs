@@ -14,16 +14,22 @@ use std::time::{Duration, Instant};
 use slab::Slab;
 
 use super::pool::PoolState;
-use super::{Chunk, Dir, Flow, Meta, Phase, RecvState, Session, SpliceStage, NO_ROUTE};
-use crate::config::{Config, DataPath};
+use super::{
+    AppConn, Chunk, Dir, Flow, Frame, Meta, Phase, RecvState, Session, SpliceStage, NO_ROUTE,
+};
+use crate::apps::{self, EdgeApp, Member, Replies, RoomHub, RoomMsg, RoomTable};
+use crate::config::{AppKind, Config, DataPath, SlowMember, Target};
 use crate::control::access_log::{self, Batch, Record};
 use crate::control::stats::{CloseCause, Counters, Latencies, RouteCounters, WorkerStats};
 use crate::control::Control;
 use crate::proto::http::{self, Answer, Forwarding, Reject, Status};
+use crate::proto::ws::{CloseCode, ControlFrame, DataKind, Decoder, DecoderConfig, Event};
 use crate::reactor::timer::{TimerEntry, TimerWheel};
 use crate::reactor::token::{Op, Token, GEN_MASK};
 use crate::reactor::{sys, Completion, Reactor, ReactorConfig, MAX_IOV};
 
+/// `Op::Wake` slot of the poll on this worker's room-inbox eventfd.
+const WAKE_INBOX: u32 = 1;
 /// Timer resolution.
 pub const TICK: Duration = Duration::from_millis(100);
 /// How long relay keeps reading (and discarding) after its own error answer.
@@ -61,6 +67,13 @@ fn count_bytes(c: &mut Counters, routes: &mut [RouteCounters], s: &mut Session, 
     }
 }
 
+fn app_impl(kind: AppKind) -> &'static dyn EdgeApp {
+    match kind {
+        AppKind::Echo | AppKind::Demo => &apps::Echo,
+        AppKind::Rooms => &apps::Rooms,
+    }
+}
+
 fn ticks(d: Duration) -> u32 {
     d.as_millis().div_ceil(TICK.as_millis()).max(1) as u32
 }
@@ -75,6 +88,9 @@ pub struct WorkerInit {
     pub max_connections: usize,
     /// Where billing records go, if enabled.
     pub access_log: Option<crossbeam_channel::Sender<Batch>>,
+    /// Rooms across workers, and this worker's inbox of room messages from the others.
+    pub hub: Arc<RoomHub>,
+    pub inbox: crossbeam_channel::Receiver<RoomMsg>,
 }
 
 /// What the main thread keeps of a worker.
@@ -99,6 +115,9 @@ struct Worker {
     /// Billing records waiting for the next tick's hand-off to the writer thread.
     records: Vec<Record>,
     access_log: Option<crossbeam_channel::Sender<Batch>>,
+    hub: Arc<RoomHub>,
+    inbox: crossbeam_channel::Receiver<RoomMsg>,
+    rooms: RoomTable,
     stats: Arc<WorkerStats>,
     control: Arc<Control>,
     epoch: Instant,
@@ -115,6 +134,8 @@ struct Worker {
     t_origin: u32,
     t_idle: u32,
     t_half: u32,
+    t_ping: Option<u32>,
+    t_pong: u32,
 }
 
 /// Runs a worker on the calling thread until it has drained. Sends `Ok(description)` once
@@ -169,6 +190,9 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         latencies: Latencies::default(),
         records: Vec::new(),
         access_log: init.access_log,
+        hub: init.hub,
+        inbox: init.inbox,
+        rooms: RoomTable::default(),
         stats: init.stats,
         control: init.control,
         epoch: Instant::now(),
@@ -184,11 +208,14 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         t_origin: ticks(t.origin_handshake),
         t_idle: ticks(t.idle),
         t_half: ticks(t.half_closed),
+        t_ping: cfg.apps.ping_interval.map(ticks),
+        t_pong: ticks(cfg.apps.pong_timeout),
         cfg,
     };
     for i in 0..w.listeners.len() {
         w.arm_accept(i);
     }
+    w.arm_inbox();
     let addrs: Vec<String> = w
         .cfg
         .listeners
@@ -266,6 +293,7 @@ impl Worker {
 
     /// Per-route counters, histograms and billing records leave the worker once per tick.
     fn publish_slow(&mut self) {
+        self.rooms.publish(&self.hub.counts[self.id]);
         if let Ok(mut r) = self.stats.routes.lock() {
             r.clone_from(&self.routes);
         }
@@ -326,6 +354,16 @@ impl Worker {
             self.reactor
                 .cancel_fd(fd, Token::new(Op::Wake, 0, 0).encode());
         }
+        // Edge-app clients hear "going away" before their socket closes.
+        let apps: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.phase == Phase::App)
+            .map(|(k, _)| k)
+            .collect();
+        for slot in apps {
+            self.app_close(slot, CloseCode::GOING_AWAY, "relay is shutting down");
+        }
         let _ = self.reactor.submit();
         for fd in std::mem::take(&mut self.listeners) {
             sys::close(fd);
@@ -360,6 +398,7 @@ impl Worker {
         }
         match tok.op {
             Op::Accept => self.on_accept(tok.slot as usize, &c),
+            Op::Wake if tok.slot == WAKE_INBOX => self.on_inbox(),
             Op::Wake => {}
             op => {
                 let slot = tok.slot as usize;
@@ -451,6 +490,7 @@ impl Worker {
             bytes_up: 0,
             bytes_down: 0,
             meta: Meta::start(),
+            app: None,
         });
         tracing::trace!(worker = self.id, slot, fd, %peer, "accepted");
         if self.sessions.len() > self.max_connections {
@@ -507,6 +547,7 @@ impl Worker {
             (Phase::Relay, _) | (Phase::Passthrough, Dir::Down) => {
                 self.flow_recv(slot, dir, c.result, bid, more)
             }
+            (Phase::App | Phase::AppClosing, Dir::Up) => self.app_recv(slot, c.result, bid, more),
             (Phase::Lingering, Dir::Up) => {
                 if let Some(b) = bid {
                     self.reactor.recycle(b);
@@ -595,16 +636,31 @@ impl Worker {
             hs.buf.extend_from_slice(data);
             http::parse_upgrade(&hs.buf, max, fwd)
         };
+        // Not an upgrade: maybe a plain GET for a page relay serves itself.
+        let plain = match &parsed {
+            Err(r) if r.status == Status::UpgradeRequired => {
+                http::plain_get(if hs.buf.is_empty() { data } else { &hs.buf })
+            }
+            _ => None,
+        };
         self.reactor.recycle(bid);
         match parsed {
             Ok(None) => self.arm_recv_once(slot, Dir::Up),
-            Err(r) => self.respond(slot, r),
+            Err(r) => match plain.and_then(|(h, p)| self.cfg.route(&h, &p)) {
+                Some(route) if self.cfg.routes[route].target == Target::App(AppKind::Demo) => {
+                    self.serve_page(slot, route)
+                }
+                _ => self.respond(slot, r),
+            },
             Ok(Some(up)) => {
                 let route = self.cfg.route(&up.host, &up.path);
                 let s = &mut self.sessions[slot];
                 // Host and path only matter to the billing record.
                 if self.access_log.is_some() {
-                    let names = (up.host.into_boxed_str(), up.path.into_boxed_str());
+                    let names = (
+                        up.host.clone().into_boxed_str(),
+                        up.path.clone().into_boxed_str(),
+                    );
                     s.meta.names = Some(Box::new(names));
                 }
                 match route {
@@ -615,6 +671,12 @@ impl Worker {
                             reason: "no route for this host and path",
                         },
                     ),
+                    Some(r) if matches!(self.cfg.routes[r].target, Target::App(_)) => {
+                        s.route = r as u16;
+                        self.routes[r].opened += 1;
+                        self.routes[r].active += 1;
+                        self.start_app(slot, r, up);
+                    }
                     Some(r) => {
                         s.route = r as u16;
                         self.routes[r].opened += 1;
@@ -637,7 +699,9 @@ impl Worker {
         let cfg = self.cfg.clone();
         let now = self.now;
         let s = &mut self.sessions[slot];
-        let pool_idx = cfg.routes[s.route as usize].pool;
+        let Target::Pool(pool_idx) = cfg.routes[s.route as usize].target else {
+            unreachable!("only pool routes connect to origins")
+        };
         let pool = &cfg.pools[pool_idx];
         let ps = &mut self.pools[pool_idx];
         let hs = s.hs.as_mut().expect("handshake state");
@@ -712,7 +776,9 @@ impl Worker {
         }
         // This origin failed: close its socket and try the next one.
         self.counters.origin_connect_failures += 1;
-        let pool_idx = self.cfg.routes[s.route as usize].pool;
+        let Target::Pool(pool_idx) = self.cfg.routes[s.route as usize].target else {
+            unreachable!("only pool routes connect to origins")
+        };
         let i = s.origin_idx as usize;
         sys::close(s.origin);
         s.origin = -1;
@@ -1017,6 +1083,10 @@ impl Worker {
         let s = &mut self.sessions[slot];
         s.flow_mut(dir).sending = false;
         let phase = s.phase;
+        if matches!(phase, Phase::App | Phase::AppClosing) {
+            self.app_sent(slot, c);
+            return;
+        }
         // Once relay answers the client itself, the origin side is only being torn down.
         let refusing = matches!(phase, Phase::Responding | Phase::Lingering);
         if phase == Phase::Closing || (refusing && dir == Dir::Up) {
@@ -1205,6 +1275,20 @@ impl Worker {
     /// Frees a slot: closes its descriptors and recycles every buffer it still holds.
     fn free(&mut self, slot: usize) {
         let mut s = self.sessions.remove(slot);
+        if let Some(app) = s.app.take() {
+            if let Some((room, idx)) = &app.room {
+                if let Some(moved) = self.rooms.leave(room, *idx) {
+                    if let Some(m) = self.sessions.get_mut(moved.slot as usize) {
+                        if let Some(a) = m.app.as_mut() {
+                            if let Some(r) = a.room.as_mut() {
+                                r.1 = *idx;
+                            }
+                        }
+                    }
+                }
+            }
+            app_impl(app.kind).on_close();
+        }
         tracing::trace!(
             worker = self.id,
             slot,
@@ -1228,7 +1312,9 @@ impl Worker {
         }
         let mut origin = String::new();
         if s.origin_idx != u16::MAX {
-            let pool = self.cfg.routes[s.route as usize].pool;
+            let Target::Pool(pool) = self.cfg.routes[s.route as usize].target else {
+                unreachable!("an origin index implies a pool route")
+            };
             self.pools[pool].release(s.origin_idx as usize);
             origin = self.cfg.pools[pool].origins[s.origin_idx as usize].to_string();
         }
@@ -1445,6 +1531,380 @@ impl Worker {
         }
     }
 
+    // ---- edge apps ---------------------------------------------------------------------------
+
+    /// Answers the upgrade itself and starts the app (the route targets an app).
+    fn start_app(&mut self, slot: usize, route: usize, up: http::Upgrade) {
+        let Target::App(kind) = self.cfg.routes[route].target else {
+            unreachable!("called for app routes")
+        };
+        let room = match kind {
+            AppKind::Demo => {
+                return self.respond(
+                    slot,
+                    Reject {
+                        status: Status::NotFound,
+                        reason: "this path serves a page, not a WebSocket endpoint",
+                    },
+                )
+            }
+            AppKind::Rooms => {
+                let name = apps::room_name(&up.path, &self.cfg.routes[route].path);
+                if name.is_empty() || name.len() > 128 {
+                    return self.respond(
+                        slot,
+                        Reject {
+                            status: Status::NotFound,
+                            reason: "a room path needs a room name (at most 128 bytes)",
+                        },
+                    );
+                }
+                Some(name.to_string())
+            }
+            AppKind::Echo => None,
+        };
+        self.counters.upgraded += 1;
+        let gen = self.sessions[slot].gen;
+        let joined = room.map(|r| {
+            self.rooms.join(
+                &r,
+                Member {
+                    slot: slot as u32,
+                    gen,
+                },
+            )
+        });
+        let s = &mut self.sessions[slot];
+        s.hs = None;
+        s.meta.status = 101;
+        let us = s.meta.accepted.elapsed().as_micros() as u64;
+        self.latencies.handshake.saturating_record(us.max(1));
+        s.phase = Phase::App;
+        s.phase_since = self.now;
+        s.last_active = self.now;
+        let mut out = std::collections::VecDeque::new();
+        out.push_back(Frame::Owned(http::switching_response(&up.accept)));
+        s.app = Some(Box::new(AppConn {
+            kind,
+            decoder: Decoder::new(DecoderConfig {
+                max_message_size: self.cfg.apps.max_message_size,
+                ..DecoderConfig::default()
+            }),
+            out,
+            shared_off: 0,
+            room: joined,
+            close_sent: false,
+            ping_out: false,
+        }));
+        // Frames that came right behind the request head.
+        let early = &up.origin_head[up.origin_head.len() - up.early..];
+        if !early.is_empty() {
+            let early = early.to_vec();
+            self.app_input(slot, &early);
+        }
+        self.app_kick(slot);
+        self.arm_recv_multi(slot, Dir::Up);
+        self.arm_timer(slot);
+    }
+
+    /// A plain GET on a `demo` route: the demo page, then close.
+    fn serve_page(&mut self, slot: usize, route: usize) {
+        let s = &mut self.sessions[slot];
+        s.route = route as u16;
+        s.meta.status = 200;
+        self.routes[route].opened += 1;
+        self.routes[route].active += 1;
+        let ud = Token::new(Op::ClientSend, slot as u32, s.gen).encode();
+        s.phase = Phase::Responding;
+        s.phase_since = self.now;
+        s.down.sending = true;
+        s.inflight += 1;
+        let page = http::page_response("text/html; charset=utf-8", apps::DEMO_PAGE.as_bytes());
+        self.reactor.send_bytes(s.client, page, 0, ud);
+        self.arm_timer(slot);
+    }
+
+    fn app_recv(&mut self, slot: usize, res: i32, bid: Option<u16>, more: bool) {
+        if res <= 0 {
+            if let Some(b) = bid {
+                self.reactor.recycle(b);
+            }
+            match -res {
+                libc::ENOBUFS if !more => self.starve(slot, Dir::Up),
+                libc::ENOBUFS | libc::ECANCELED => {}
+                0 => self.begin_close(slot, CloseCause::ClientClosed),
+                _ => self.abort(slot, CloseCause::ClientReset),
+            }
+            return;
+        }
+        let bid = bid.expect("a receive with data carries a buffer");
+        let n = res as usize;
+        let s = &mut self.sessions[slot];
+        s.last_active = self.now;
+        count_bytes(&mut self.counters, &mut self.routes, s, Dir::Up, n as u64);
+        // The decoder copies what it keeps; the ring buffer goes back at once.
+        let data = self.reactor.buf(bid, n).to_vec();
+        self.reactor.recycle(bid);
+        self.app_input(slot, &data);
+        self.app_kick(slot);
+        let rearm = self
+            .sessions
+            .get(slot)
+            .is_some_and(|s| s.up.recv == RecvState::Idle && s.phase != Phase::Closing);
+        if !more && rearm {
+            self.arm_recv_multi(slot, Dir::Up);
+        }
+    }
+
+    /// Feeds client bytes to the session's decoder and acts on what it finds.
+    fn app_input(&mut self, slot: usize, data: &[u8]) {
+        enum In {
+            Message(DataKind, Vec<u8>),
+            Ping(ControlFrame),
+            Pong,
+            Close(ControlFrame),
+        }
+        let Some(app) = self.sessions[slot].app.as_mut() else {
+            return;
+        };
+        let mut events = Vec::new();
+        let result = app.decoder.feed(data, |e| match e {
+            Event::Message(m) => events.push(In::Message(m.kind(), m.take())),
+            Event::Ping(p) => events.push(In::Ping(p.pong())),
+            Event::Pong(_) => events.push(In::Pong),
+            Event::Close(c) => events.push(In::Close(c.reply())),
+            Event::Fragment(_) => {}
+        });
+        let kind = app.kind;
+        for ev in events {
+            match ev {
+                In::Message(k, payload) => {
+                    self.counters.app_messages_in += 1;
+                    let mut r = Replies::default();
+                    app_impl(kind).on_message(k, payload, &mut r);
+                    for (k, p) in r.to_sender {
+                        let mut f = Vec::with_capacity(p.len() + 10);
+                        crate::proto::ws::write_message(&mut f, k, &p);
+                        self.app_push(slot, Frame::Owned(f));
+                    }
+                    for (k, p) in r.to_room {
+                        self.room_send(slot, k, &p);
+                    }
+                }
+                In::Ping(pong) => self.app_push(slot, Frame::Owned(pong.as_bytes().to_vec())),
+                In::Pong => {
+                    if let Some(a) = self.sessions[slot].app.as_mut() {
+                        a.ping_out = false;
+                    }
+                    self.arm_timer(slot);
+                }
+                In::Close(reply) => self.app_close_with(slot, reply),
+            }
+        }
+        if let Err(e) = result {
+            match e.close_code().as_u16() {
+                1007 => self.counters.ws_close_1007 += 1,
+                1009 => self.counters.ws_close_1009 += 1,
+                _ => self.counters.ws_close_1002 += 1,
+            }
+            tracing::debug!(worker = self.id, "closing app client: {e}");
+            self.app_close_with(slot, e.close_frame());
+        }
+    }
+
+    /// Queues a frame for an app client (its own replies: no slow-member policy).
+    fn app_push(&mut self, slot: usize, f: Frame) {
+        if let Some(a) = self.sessions[slot].app.as_mut() {
+            if !a.close_sent {
+                a.out.push_back(f);
+            }
+        }
+    }
+
+    /// Sends a close frame (once), then waits for the client to close.
+    fn app_close(&mut self, slot: usize, code: CloseCode, reason: &str) {
+        self.app_close_with(slot, ControlFrame::close(code, reason));
+        self.app_kick(slot);
+    }
+
+    fn app_close_with(&mut self, slot: usize, frame: ControlFrame) {
+        let now = self.now;
+        let s = &mut self.sessions[slot];
+        let Some(a) = s.app.as_mut() else {
+            return;
+        };
+        if !a.close_sent {
+            a.close_sent = true;
+            a.out.push_back(Frame::Owned(frame.as_bytes().to_vec()));
+        }
+        if s.phase == Phase::App {
+            s.phase = Phase::AppClosing;
+            s.phase_since = now;
+            self.arm_timer(slot);
+        }
+    }
+
+    /// Frames a member's message once and sends it to every other member of its room, on
+    /// this worker and (through the hub) on the others.
+    fn room_send(&mut self, slot: usize, kind: DataKind, payload: &[u8]) {
+        let room = self.sessions[slot]
+            .app
+            .as_ref()
+            .and_then(|a| a.room.as_ref().map(|r| r.0.clone()));
+        let Some(room) = room else {
+            return;
+        };
+        let mut f = Vec::with_capacity(payload.len() + 10);
+        crate::proto::ws::write_message(&mut f, kind, payload);
+        let frame: Arc<[u8]> = Arc::from(f);
+        self.deliver_local(&room, &frame, Some(slot));
+        self.hub.broadcast(RoomMsg { room, frame }, Some(self.id));
+    }
+
+    /// Queues a room frame for every local member of `room` (but `skip`), applying the
+    /// slow-member policy.
+    fn deliver_local(&mut self, room: &str, frame: &Arc<[u8]>, skip: Option<usize>) {
+        let members: Vec<Member> = self.rooms.members(room).to_vec();
+        let limit = self.cfg.apps.room_queue as usize;
+        for m in members {
+            let slot = m.slot as usize;
+            if Some(slot) == skip {
+                continue;
+            }
+            let Some(s) = self.sessions.get_mut(slot) else {
+                continue;
+            };
+            if s.gen != m.gen || s.phase != Phase::App {
+                continue;
+            }
+            let a = s.app.as_mut().expect("room member is an app session");
+            if a.out.len() >= limit {
+                match self.cfg.apps.slow_member {
+                    SlowMember::Drop => {
+                        self.counters.room_dropped += 1;
+                        continue;
+                    }
+                    SlowMember::Close => {
+                        self.counters.room_slow_closed += 1;
+                        a.out.clear();
+                        self.app_close(
+                            slot,
+                            CloseCode::POLICY_VIOLATION,
+                            "too slow: room queue full",
+                        );
+                        continue;
+                    }
+                }
+            }
+            a.out.push_back(Frame::Shared(frame.clone()));
+            self.app_kick(slot);
+        }
+    }
+
+    fn arm_inbox(&mut self) {
+        let ud = Token::new(Op::Wake, WAKE_INBOX, 0).encode();
+        self.reactor
+            .poll(self.hub.waker(self.id), libc::POLLIN as u32, ud);
+    }
+
+    /// Room messages from other workers (and from the publish API).
+    fn on_inbox(&mut self) {
+        sys::eventfd_drain(self.hub.waker(self.id));
+        while let Ok(msg) = self.inbox.try_recv() {
+            self.deliver_local(&msg.room, &msg.frame, None);
+        }
+        if self.draining.is_none() || !self.sessions.is_empty() {
+            self.arm_inbox();
+        }
+    }
+
+    /// Starts the next send to an app client if none is in flight.
+    fn app_kick(&mut self, slot: usize) {
+        let ud = self.tok(Op::ClientSend, slot);
+        let s = &mut self.sessions[slot];
+        if s.down.sending || s.phase == Phase::Closing {
+            return;
+        }
+        let Some(a) = s.app.as_mut() else {
+            return;
+        };
+        let Some(f) = a.out.pop_front() else {
+            if s.phase == Phase::AppClosing && a.close_sent {
+                // Everything, the close frame last, is out: let the client close.
+                sys::shutdown_write(s.client);
+            }
+            return;
+        };
+        s.down.sending = true;
+        s.inflight += 1;
+        self.counters.app_frames_out += 1;
+        match f {
+            Frame::Owned(v) => self.reactor.send_bytes(s.client, v, 0, ud),
+            Frame::Shared(b) => {
+                a.shared_off = 0;
+                self.reactor.send_shared(s.client, b, 0, ud);
+            }
+        }
+    }
+
+    fn app_sent(&mut self, slot: usize, c: Completion) {
+        if c.result < 0 {
+            self.abort(slot, CloseCause::ClientReset);
+            return;
+        }
+        let n = c.result as usize;
+        let ud = self.tok(Op::ClientSend, slot);
+        let s = &mut self.sessions[slot];
+        count_bytes(&mut self.counters, &mut self.routes, s, Dir::Down, n as u64);
+        if let Some(mut v) = c.bytes {
+            if n < v.len() {
+                v.drain(..n);
+                s.down.sending = true;
+                s.inflight += 1;
+                self.reactor.send_bytes(s.client, v, 0, ud);
+                return;
+            }
+        } else if let Some(b) = c.shared {
+            let a = s.app.as_mut().expect("app session");
+            a.shared_off += n;
+            if a.shared_off < b.len() {
+                let off = a.shared_off;
+                s.down.sending = true;
+                s.inflight += 1;
+                self.reactor.send_shared(s.client, b, off, ud);
+                return;
+            }
+        }
+        self.app_kick(slot);
+    }
+
+    /// The ping timer of an app connection fired: ping, or give up on a missing pong.
+    fn app_timer(&mut self, slot: usize) {
+        if self.t_ping.is_none() {
+            self.begin_close(slot, CloseCause::IdleTimeout);
+            return;
+        }
+        let s = &mut self.sessions[slot];
+        let Some(a) = s.app.as_mut() else {
+            return;
+        };
+        if a.ping_out {
+            // No pong: the peer is gone. Close without a close frame (a client that is
+            // still there sees 1006).
+            self.counters.pong_timeouts += 1;
+            self.abort(slot, CloseCause::IdleTimeout);
+            return;
+        }
+        a.ping_out = true;
+        s.phase_since = self.now;
+        self.counters.pings_sent += 1;
+        if let Some(p) = ControlFrame::ping(b"relay") {
+            self.app_push(slot, Frame::Owned(p.as_bytes().to_vec()));
+        }
+        self.app_kick(slot);
+        self.arm_timer(slot);
+    }
+
     // ---- timers --------------------------------------------------------------------------
 
     fn deadline(&self, s: &Session) -> u32 {
@@ -1460,7 +1920,17 @@ impl Worker {
                 };
                 s.last_active + t
             }
-            Phase::Responding | Phase::Lingering => s.phase_since + LINGER_TICKS,
+            Phase::Responding | Phase::Lingering | Phase::AppClosing => {
+                s.phase_since + LINGER_TICKS
+            }
+            Phase::App => {
+                let ping_out = s.app.as_ref().is_some_and(|a| a.ping_out);
+                match (self.t_ping, ping_out) {
+                    (Some(_), true) => s.phase_since + self.t_pong,
+                    (Some(p), false) => s.last_active + p,
+                    (None, _) => s.last_active + self.t_idle,
+                }
+            }
             Phase::Closing => u32::MAX,
         }
     }
@@ -1519,6 +1989,8 @@ impl Worker {
             ),
             Phase::Relay | Phase::Passthrough => self.begin_close(slot, CloseCause::IdleTimeout),
             Phase::Responding | Phase::Lingering => self.begin_close(slot, CloseCause::Refused),
+            Phase::AppClosing => self.begin_close(slot, CloseCause::ClientClosed),
+            Phase::App => self.app_timer(slot),
             Phase::Closing => {}
         }
         self.maybe_free(slot);
