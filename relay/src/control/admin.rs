@@ -488,6 +488,58 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
         "Splice operations (splice data path).",
         &|c| c.splices,
     );
+    for (name, help, f) in [
+        (
+            "relay_app_messages_received_total",
+            "Edge apps: messages received from clients.",
+            (|c: &Counters| c.app_messages_in) as fn(&Counters) -> u64,
+        ),
+        (
+            "relay_app_frames_sent_total",
+            "Edge apps: frames sent to clients.",
+            |c| c.app_frames_out,
+        ),
+        (
+            "relay_room_messages_dropped_total",
+            "Room messages dropped for slow members (slow_member = drop).",
+            |c| c.room_dropped,
+        ),
+        (
+            "relay_room_slow_members_closed_total",
+            "Slow room members closed with 1008 (slow_member = close).",
+            |c| c.room_slow_closed,
+        ),
+        (
+            "relay_app_pings_sent_total",
+            "Keep-alive pings sent to edge-app clients.",
+            |c| c.pings_sent,
+        ),
+        (
+            "relay_app_pong_timeouts_total",
+            "Edge-app clients closed for not answering a ping.",
+            |c| c.pong_timeouts,
+        ),
+    ] {
+        per_worker(&mut o, name, "counter", help, &f);
+    }
+    metric(
+        &mut o,
+        "relay_app_protocol_closes_total",
+        "counter",
+        "Edge-app clients closed for breaking RFC 6455, by the close code relay sent.",
+    );
+    for (w, c) in snaps.iter().enumerate() {
+        for (code, n) in [
+            (1002, c.ws_close_1002),
+            (1007, c.ws_close_1007),
+            (1009, c.ws_close_1009),
+        ] {
+            let _ = writeln!(
+                o,
+                "relay_app_protocol_closes_total{{worker=\"{w}\",code=\"{code}\"}} {n}"
+            );
+        }
+    }
     let routes = route_totals(stats, cfg);
     let rl = |i: usize| {
         cfg.routes[i]
