@@ -593,7 +593,13 @@ impl Worker {
             }
             match s.phase {
                 Phase::ClientHead | Phase::OriginHead => self.arm_recv_once(slot, dir),
-                Phase::Relay | Phase::Passthrough | Phase::Lingering if !s.flow(dir).eof => {
+                Phase::Relay
+                | Phase::Passthrough
+                | Phase::Lingering
+                | Phase::App
+                | Phase::AppClosing
+                    if !s.flow(dir).eof =>
+                {
                     self.arm_recv_multi(slot, dir)
                 }
                 _ => {}
