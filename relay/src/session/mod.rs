@@ -32,6 +32,7 @@ use std::os::fd::RawFd;
 use std::time::Instant;
 
 use crate::control::stats::CloseCause;
+use crate::reactor::token::Op;
 
 /// `Session::route` before the request is routed.
 pub const NO_ROUTE: u16 = u16::MAX;
@@ -220,6 +221,54 @@ pub enum Dir {
     Up,
     /// Origin → client.
     Down,
+}
+
+impl Dir {
+    /// The receive op of this direction's source socket.
+    pub fn recv_op(self) -> Op {
+        match self {
+            Dir::Up => Op::ClientRecv,
+            Dir::Down => Op::OriginRecv,
+        }
+    }
+
+    /// The send op of this direction's destination socket.
+    pub fn send_op(self) -> Op {
+        match self {
+            Dir::Up => Op::OriginSend,
+            Dir::Down => Op::ClientSend,
+        }
+    }
+
+    pub fn splice_op(self) -> Op {
+        match self {
+            Dir::Up => Op::SpliceUp,
+            Dir::Down => Op::SpliceDown,
+        }
+    }
+
+    pub fn poll_op(self) -> Op {
+        match self {
+            Dir::Up => Op::PollUp,
+            Dir::Down => Op::PollDown,
+        }
+    }
+
+    /// Why the session ends when this direction's source fails.
+    pub fn src_failed(self) -> CloseCause {
+        match self {
+            Dir::Up => CloseCause::ClientReset,
+            Dir::Down => CloseCause::OriginReset,
+        }
+    }
+
+    /// Why the session ends when this direction's destination fails.
+    pub fn dst_failed(self) -> CloseCause {
+        match self {
+            Dir::Up => CloseCause::OriginReset,
+            Dir::Down => CloseCause::ClientReset,
+        }
+    }
 }
 
 /// State that exists only while the handshake runs (boxed, dropped once relaying starts).

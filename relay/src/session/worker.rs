@@ -508,12 +508,7 @@ impl Worker {
     }
 
     fn arm_recv_once(&mut self, slot: usize, dir: Dir) {
-        let op = if dir == Dir::Up {
-            Op::ClientRecv
-        } else {
-            Op::OriginRecv
-        };
-        let ud = self.tok(op, slot);
+        let ud = self.tok(dir.recv_op(), slot);
         let s = &mut self.sessions[slot];
         self.reactor.recv_once(s.src(dir), ud);
         s.flow_mut(dir).recv = RecvState::Armed;
@@ -521,12 +516,7 @@ impl Worker {
     }
 
     fn arm_recv_multi(&mut self, slot: usize, dir: Dir) {
-        let op = if dir == Dir::Up {
-            Op::ClientRecv
-        } else {
-            Op::OriginRecv
-        };
-        let ud = self.tok(op, slot);
+        let ud = self.tok(dir.recv_op(), slot);
         let s = &mut self.sessions[slot];
         self.reactor.recv_multi(s.src(dir), ud);
         s.flow_mut(dir).recv = RecvState::Armed;
@@ -965,11 +955,7 @@ impl Worker {
                     self.start_send(slot, dir);
                 }
             }
-            let recv_op = if dir == Dir::Up {
-                Op::ClientRecv
-            } else {
-                Op::OriginRecv
-            };
+            let recv_op = dir.recv_op();
             let target = self.tok(recv_op, slot);
             let cancel = self.tok(Op::Cancel, slot);
             let s = &mut self.sessions[slot];
@@ -1017,11 +1003,7 @@ impl Worker {
                     }
                 }
                 _ => {
-                    let cause = if dir == Dir::Up {
-                        CloseCause::ClientReset
-                    } else {
-                        CloseCause::OriginReset
-                    };
+                    let cause = dir.src_failed();
                     self.abort(slot, cause);
                 }
             }
@@ -1052,12 +1034,7 @@ impl Worker {
     }
 
     fn start_send(&mut self, slot: usize, dir: Dir) {
-        let op = if dir == Dir::Up {
-            Op::OriginSend
-        } else {
-            Op::ClientSend
-        };
-        let ud = self.tok(op, slot);
+        let ud = self.tok(dir.send_op(), slot);
         let s = &mut self.sessions[slot];
         let dst = s.dst(dir);
         let f = s.flow_mut(dir);
@@ -1102,11 +1079,7 @@ impl Worker {
             if refusing {
                 self.begin_close(slot, CloseCause::Refused);
             } else {
-                let cause = if dir == Dir::Up {
-                    CloseCause::OriginReset
-                } else {
-                    CloseCause::ClientReset
-                };
+                let cause = dir.dst_failed();
                 self.abort(slot, cause);
             }
             return;
@@ -1116,12 +1089,7 @@ impl Worker {
             if n < bytes.len() {
                 // Short write: send the rest.
                 bytes.drain(..n);
-                let op = if dir == Dir::Up {
-                    Op::OriginSend
-                } else {
-                    Op::ClientSend
-                };
-                let ud = self.tok(op, slot);
+                let ud = self.tok(dir.send_op(), slot);
                 let s = &mut self.sessions[slot];
                 s.flow_mut(dir).sending = true;
                 s.inflight += 1;
@@ -1370,14 +1338,7 @@ impl Worker {
     }
 
     fn arm_poll(&mut self, slot: usize, dir: Dir, stage: SpliceStage) {
-        let ud = self.tok(
-            if dir == Dir::Up {
-                Op::PollUp
-            } else {
-                Op::PollDown
-            },
-            slot,
-        );
+        let ud = self.tok(dir.poll_op(), slot);
         let s = &mut self.sessions[slot];
         let (fd, events) = match stage {
             SpliceStage::PollIn => (s.src(dir), libc::POLLIN as u32),
@@ -1389,14 +1350,7 @@ impl Worker {
     }
 
     fn splice_op(&mut self, slot: usize, dir: Dir, fd_in: RawFd, fd_out: RawFd, len: u32) {
-        let ud = self.tok(
-            if dir == Dir::Up {
-                Op::SpliceUp
-            } else {
-                Op::SpliceDown
-            },
-            slot,
-        );
+        let ud = self.tok(dir.splice_op(), slot);
         self.sessions[slot].inflight += 1;
         self.counters.splices += 1;
         self.reactor.splice(fd_in, fd_out, len, ud);
@@ -1433,11 +1387,7 @@ impl Worker {
         }
         if c.result < 0 {
             if c.result != -libc::ECANCELED {
-                let cause = if dir == Dir::Up {
-                    CloseCause::ClientReset
-                } else {
-                    CloseCause::OriginReset
-                };
+                let cause = dir.src_failed();
                 self.abort(slot, cause);
             }
             return;
@@ -1480,11 +1430,7 @@ impl Worker {
             return;
         }
         let res = c.result;
-        let cause = if dir == Dir::Up {
-            CloseCause::ClientReset
-        } else {
-            CloseCause::OriginReset
-        };
+        let cause = dir.src_failed();
         match stage {
             SpliceStage::In if res > 0 => {
                 let n = res as u32;
