@@ -15,8 +15,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-/// A free loopback port (bound, then released for the relay to take).
+/// A loopback port reserved for the relay under test. The port stays bound (with
+/// `SO_REUSEPORT`, never listening) for the life of the test process, so the kernel cannot
+/// hand it out as the ephemeral source port of some other connection before relay binds it;
+/// relay binds it with `SO_REUSEPORT` too, and only listening sockets receive connections.
 pub fn free_port() -> u16 {
+    static HELD: Mutex<Vec<socket2::Socket>> = Mutex::new(Vec::new());
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_port(true).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    HELD.lock().unwrap().push(s);
+    port
+}
+
+/// A free loopback port for a socket bound without `SO_REUSEPORT` (the admin listener):
+/// bound, then released.
+pub fn free_plain_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -72,7 +88,7 @@ impl Relay {
     }
 
     fn start_with(addr: SocketAddr, mut args: Vec<String>) -> Relay {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_plain_port()).parse().unwrap();
         // The whole suite can run on another data path: RELAY_TEST_DATA_PATH=splice.
         if let Ok(dp) = std::env::var("RELAY_TEST_DATA_PATH") {
             args.push("--data-path".into());
