@@ -499,6 +499,12 @@ pub fn parse_answer(
         }
         Err(_) => return Err(reject(Status::BadGateway, "origin sent a malformed answer")),
     };
+    if head_len > max_head {
+        return Err(reject(
+            Status::BadGateway,
+            "origin answer head is larger than the limit",
+        ));
+    }
     let code = res.code.unwrap_or(0);
     if code == 101 {
         let mut upgrade = false;

@@ -259,3 +259,13 @@ fn random_input_never_panics() {
         let _ = parse_answer(&v, 16384, ACCEPT);
     }
 }
+
+#[test]
+fn oversized_complete_answer_head_is_502() {
+    let a = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {ACCEPT}\r\nX-Pad: {}\r\n\r\n",
+        "p".repeat(3000)
+    );
+    let e = parse_answer(a.as_bytes(), 1024, ACCEPT).unwrap_err();
+    assert_eq!(e.status, Status::BadGateway);
+}
