@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, exactly what CI runs (.ci/run calls this).
 # Sets up what the tests need on a fresh machine (Python venv with websockets/pytest),
-# then: format and lint checks, Rust unit + end-to-end tests, Python end-to-end tests,
-# the tuning round-trip test (needs root; skipped with a note otherwise).
+# then: format and lint checks, Rust unit + end-to-end tests, Python end-to-end tests, the
+# Autobahn TestSuite against the echo app, browser tests, the tuning round-trip test (needs
+# root; skipped with a note otherwise).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,9 @@ if [ -d tests/python ]; then
     RELAY_BIN="$PWD/target/debug/relay" RELAY_BENCH_BIN="$PWD/target/debug/relay-bench" \
         .venv/bin/python -m pytest tests/python -q
 fi
+
+step "Autobahn TestSuite against relay's echo app (all groups; fails on a FAILED case in 1-10)"
+RELAY_BIN="$PWD/target/debug/relay" scripts/test-autobahn.sh
 
 if [ -d tests/browser ]; then
     step "Browser tests (headless Chromium: the admin dashboard)"
