@@ -357,12 +357,6 @@ def test_echo_protocol_violation_gets_the_right_close_code(echo_apps, case):
         wait_until(ok, 5, what=f"relay_app_protocol_closes_total{{code={code}}} to count it")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay bug: a violation is counted again for every receive that follows it "
-    "(app_recv keeps feeding the failed decoder; each Err bumps ws_close_*): one 2 MiB+1 "
-    "frame over a 2 MiB limit counts ~130 closes with code 1009",
-)
 def test_protocol_close_is_counted_once_per_client(echo_apps):
     before = ws_close_counter(echo_apps, 1009)
     assert before is not None, "relay_app_protocol_closes_total is not in /metrics"

@@ -1653,7 +1653,12 @@ impl Worker {
                 In::Close(reply) => self.app_close_with(slot, reply),
             }
         }
-        if let Err(e) = result {
+        // A spent decoder keeps answering with its error; count and answer it once.
+        let first = self.sessions[slot]
+            .app
+            .as_ref()
+            .is_some_and(|a| !a.close_sent);
+        if let (Err(e), true) = (result, first) {
             match e.close_code().as_u16() {
                 1007 => self.counters.ws_close_1007 += 1,
                 1009 => self.counters.ws_close_1009 += 1,
