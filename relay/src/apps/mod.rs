@@ -61,6 +61,8 @@ impl EdgeApp for Rooms {
 pub struct RoomMsg {
     pub room: Arc<str>,
     pub frame: Arc<[u8]>,
+    /// A join/leave event: only for members that asked for events.
+    pub events_only: bool,
 }
 
 /// The cross-worker side of rooms: one inbox and one wake-up eventfd per worker, and each
@@ -110,6 +112,16 @@ impl RoomHub {
                 sys::eventfd_signal(self.wakers[w]);
             }
         }
+    }
+
+    /// Members of `room` on every worker but `worker` (as last published).
+    pub fn members_elsewhere(&self, room: &str, worker: usize) -> u32 {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(w, _)| *w != worker)
+            .filter_map(|(_, c)| c.lock().ok().and_then(|c| c.get(room).copied()))
+            .sum()
     }
 
     /// Members of each room over all workers (as last published, at most a tick old).
@@ -199,6 +211,19 @@ impl RoomTable {
     }
 }
 
+/// Whether a request path asks for room events: `?events=1` (or `true`).
+pub fn wants_events(path: &str) -> bool {
+    path.split_once('?').is_some_and(|(_, q)| {
+        q.split('&')
+            .any(|kv| kv == "events=1" || kv == "events=true")
+    })
+}
+
+/// The JSON text of a room event (the tiny documented protocol).
+pub fn event_json(kind: &str, room: &str, members: u32) -> String {
+    serde_json::json!({"type": kind, "room": room, "members": members}).to_string()
+}
+
 /// The room a path names under a route's prefix: `/rooms/lobby` under `/rooms/` is `lobby`.
 /// Query strings are ignored; an empty name is the room `""`... which is refused by the
 /// caller.
@@ -210,6 +235,18 @@ pub fn room_name<'a>(path: &'a str, prefix: &str) -> &'a str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_opt_in() {
+        assert!(wants_events("/rooms/a?events=1"));
+        assert!(wants_events("/rooms/a?x=2&events=true"));
+        assert!(!wants_events("/rooms/a"));
+        assert!(!wants_events("/rooms/a?events=0"));
+        assert_eq!(
+            event_json("join", "a", 3),
+            r#"{"members":3,"room":"a","type":"join"}"#
+        );
+    }
 
     #[test]
     fn room_names() {

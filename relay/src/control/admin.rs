@@ -218,6 +218,7 @@ fn publish(
         RoomMsg {
             room: Arc::from(room),
             frame: Arc::from(frame),
+            events_only: false,
         },
         None,
     );

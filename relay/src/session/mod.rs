@@ -332,6 +332,8 @@ pub struct AppConn {
     pub shared_off: usize,
     /// The room and this member's index in the worker's member list.
     pub room: Option<(std::sync::Arc<str>, usize)>,
+    /// The client asked (`?events=1`) for JSON join/leave events with member counts.
+    pub events: bool,
     pub close_sent: bool,
     /// A ping went out and its pong has not come back.
     pub ping_out: bool,

@@ -1251,7 +1251,9 @@ impl Worker {
         let mut s = self.sessions.remove(slot);
         if let Some(app) = s.app.take() {
             if let Some((room, idx)) = &app.room {
-                if let Some(moved) = self.rooms.leave(room, *idx) {
+                let moved = self.rooms.leave(room, *idx);
+                self.room_event(room.clone(), "leave");
+                if let Some(moved) = moved {
                     if let Some(m) = self.sessions.get_mut(moved.slot as usize) {
                         if let Some(a) = m.app.as_mut() {
                             if let Some(r) = a.room.as_mut() {
@@ -1544,10 +1546,14 @@ impl Worker {
             }),
             out,
             shared_off: 0,
-            room: joined,
+            room: joined.clone(),
+            events: apps::wants_events(&up.path),
             close_sent: false,
             ping_out: false,
         }));
+        if let Some((room, _)) = joined {
+            self.room_event(room, "join");
+        }
         // Frames that came right behind the request head.
         let early = &up.origin_head[up.origin_head.len() - up.early..];
         if !early.is_empty() {
@@ -1714,13 +1720,41 @@ impl Worker {
         let mut f = Vec::with_capacity(payload.len() + 10);
         crate::proto::ws::write_message(&mut f, kind, payload);
         let frame: Arc<[u8]> = Arc::from(f);
-        self.deliver_local(&room, &frame, Some(slot));
-        self.hub.broadcast(RoomMsg { room, frame }, Some(self.id));
+        self.deliver_local(&room, &frame, Some(slot), false);
+        self.hub.broadcast(
+            RoomMsg {
+                room,
+                frame,
+                events_only: false,
+            },
+            Some(self.id),
+        );
+    }
+
+    /// Tells the members that asked for events (on every worker) that someone joined or
+    /// left, with the room's member count (exact for this worker, as last published for the
+    /// others: at most a tick old).
+    fn room_event(&mut self, room: Arc<str>, kind: &str) {
+        let members =
+            self.rooms.members(&room).len() as u32 + self.hub.members_elsewhere(&room, self.id);
+        let json = apps::event_json(kind, &room, members);
+        let mut f = Vec::with_capacity(json.len() + 4);
+        crate::proto::ws::write_message(&mut f, DataKind::Text, json.as_bytes());
+        let frame: Arc<[u8]> = Arc::from(f);
+        self.deliver_local(&room, &frame, None, true);
+        self.hub.broadcast(
+            RoomMsg {
+                room,
+                frame,
+                events_only: true,
+            },
+            Some(self.id),
+        );
     }
 
     /// Queues a room frame for every local member of `room` (but `skip`), applying the
     /// slow-member policy.
-    fn deliver_local(&mut self, room: &str, frame: &Arc<[u8]>, skip: Option<usize>) {
+    fn deliver_local(&mut self, room: &str, frame: &Arc<[u8]>, skip: Option<usize>, events: bool) {
         let members: Vec<Member> = self.rooms.members(room).to_vec();
         let limit = self.cfg.apps.room_queue as usize;
         for m in members {
@@ -1735,6 +1769,9 @@ impl Worker {
                 continue;
             }
             let a = s.app.as_mut().expect("room member is an app session");
+            if events && !a.events {
+                continue;
+            }
             if a.out.len() >= limit {
                 match self.cfg.apps.slow_member {
                     SlowMember::Drop => {
@@ -1768,7 +1805,7 @@ impl Worker {
     fn on_inbox(&mut self) {
         sys::eventfd_drain(self.hub.waker(self.id));
         while let Ok(msg) = self.inbox.try_recv() {
-            self.deliver_local(&msg.room, &msg.frame, None);
+            self.deliver_local(&msg.room, &msg.frame, None, msg.events_only);
         }
         if self.draining.is_none() || !self.sessions.is_empty() {
             self.arm_inbox();
