@@ -670,7 +670,28 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
         "Open descriptors of the process.",
     );
     let _ = writeln!(o, "relay_open_fds {}", sys::open_fds());
+    metric(
+        &mut o,
+        "relay_iowq_workers",
+        "gauge",
+        "io_uring io-wq worker threads of the process (splices run there; capped per ring).",
+    );
+    let _ = writeln!(o, "relay_iowq_workers {}", iowq_workers());
     o
+}
+
+/// io-wq worker threads (named `iou-wrk-<tid>`) in this process right now.
+fn iowq_workers() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .filter(|t| {
+                    std::fs::read_to_string(t.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("iou-wrk"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// `/v1/stats`: totals, per-worker and per-route figures.
