@@ -85,7 +85,7 @@ N=1000000
 HOLD=60
 MODE=relayed
 RATE=4000
-TRICKLE=30
+TRICKLE=auto
 SIZE=32
 INTERVAL=5
 PORT_BASE=14000
@@ -99,14 +99,16 @@ BUILD=1
 usage() {
     cat >&2 <<'EOF'
 usage: sudo scripts/bench-million.sh [options]
-  --connections N    connections to hold (default 1000000)
+  --connections N    connections to hold (default 1000000); "fit" = the largest N that the
+                     memory estimate allows right now (rounded down to 10,000)
   --hold S           seconds to hold all N once the ramp is done (default 60)
   --mode M           relayed (load -> relay -> echo-origin, 4 sockets per connection) or
                      echo-app (load -> relay's echo app, 2 sockets) (default relayed)
   --rate R           new connections per second during the ramp, all load processes together
                      (default 4000)
-  --trickle S        each connection sends one message every S s during the hold, 0 = none
-                     (default 30)
+  --trickle S        each connection sends one message every S s (from the moment it is open),
+                     0 = none (default auto: 30 s, or N / 4,000 s when that is longer, so the
+                     whole box carries at most ~4,000 messages/s; see below)
   --size B           trickle message size (default 32)
   --interval S       sampling interval (default 5)
   --max-ramp S       give up if the ramp has not finished after S s (default 3 x N / rate + 60)
@@ -146,15 +148,20 @@ while [ $# -gt 0 ]; do
         *) log "unknown option: $1"; usage ;;
     esac
 done
+# Trickle: every message crosses relay twice (client->origin, origin->client) and wakes up
+# four processes. On the 2-core VM with ~200 processes, relay alone spent ~60 us of CPU per
+# echoed message, so one message per connection per 30 s at 640,000 connections (21,000/s)
+# plus the ramp saturated both cores and the run collapsed. auto caps the total at ~4,000/s.
 for v in N HOLD RATE TRICKLE SIZE INTERVAL PORT_BASE; do
+    [ "$v" = N ] && [ "$N" = fit ] && continue
+    [ "$v" = TRICKLE ] && [ "$TRICKLE" = auto ] && continue
     is_uint "${!v}" || die "--${v,,} needs a non-negative integer, got '${!v}'"
 done
-[ "$N" -ge 1 ] || die "--connections must be at least 1"
+[ "$N" = fit ] || [ "$N" -ge 1 ] || die "--connections must be at least 1"
 [ "$RATE" -ge 1 ] || die "--rate must be at least 1"
 [ "$INTERVAL" -ge 1 ] || die "--interval must be at least 1"
 case $MODE in relayed | echo-app) ;; *) die "--mode must be relayed or echo-app" ;; esac
-[ -z "$MAX_RAMP" ] && MAX_RAMP=$((3 * N / RATE + 60))
-is_uint "$MAX_RAMP" || die "--max-ramp needs an integer"
+[ -z "$MAX_RAMP" ] || is_uint "$MAX_RAMP" || die "--max-ramp needs an integer"
 
 if [ "$PLAN_ONLY" = 0 ] && [ "$(id -u)" != 0 ]; then
     die "must run as root: it applies the $PROFILE sysctl profile (scripts/tune.sh apply $PROFILE; the old values are restored at exit) to hold this many sockets. Run: sudo $CMDLINE   (or --plan to see the plan and memory estimate without changing anything)"
@@ -178,72 +185,94 @@ FPC=2
 [ "$MODE" = echo-app ] && FPC=1
 FD_CAP=$FD_HARD
 FD_HOW="hard RLIMIT_NOFILE $FD_HARD (cannot be raised here)"
-NEED_ONE=$((FPC * N + 200))
-if [ "$FD_HARD" -lt "$NEED_ONE" ] && [ "$(id -u)" = 0 ] && (ulimit -Hn $((FD_HARD + 1))) 2>/dev/null; then
-    # Root with CAP_SYS_RESOURCE: after the profile raises fs.nr_open, one process can hold it.
-    FD_CAP=$PROFILE_NR_OPEN
-    FD_HOW="hard RLIMIT_NOFILE $FD_HARD, raised to fs.nr_open $PROFILE_NR_OPEN after applying $PROFILE"
-elif [ "$FD_HARD" -ge "$NEED_ONE" ]; then
-    FD_HOW="hard RLIMIT_NOFILE $FD_HARD is enough for one process"
-fi
-RAISE_TO=
-[ "$FD_CAP" != "$FD_HARD" ] && RAISE_TO=$FD_CAP
+# make_plan: process counts, addresses and the memory estimate for $N connections.
+make_plan() {
+    NEED_ONE=$((FPC * N + 200))
+    if [ "$FD_HARD" -lt "$NEED_ONE" ] && [ "$(id -u)" = 0 ] && (ulimit -Hn $((FD_HARD + 1))) 2>/dev/null; then
+        # Root with CAP_SYS_RESOURCE: after the profile raises fs.nr_open, one process can hold it.
+        FD_CAP=$PROFILE_NR_OPEN
+        FD_HOW="hard RLIMIT_NOFILE $FD_HARD, raised to fs.nr_open $PROFILE_NR_OPEN after applying $PROFILE"
+    elif [ "$FD_HARD" -ge "$NEED_ONE" ]; then
+        FD_HOW="hard RLIMIT_NOFILE $FD_HARD is enough for one process"
+    fi
+    RAISE_TO=
+    [ "$FD_CAP" != "$FD_HARD" ] && RAISE_TO=$FD_CAP
 
-if [ "$NEED_ONE" -le "$FD_CAP" ]; then
-    # A production-style box: one relay process, one worker per CPU.
-    RELAYS=1
-    RELAY_WORKERS=$NCPU
-    RELAY_PIN=true
-    RELAY_MAXC=$(((FD_CAP - 200) / (FPC * NCPU)))
-    RELAY_CAP=$((RELAY_MAXC * NCPU))
+    if [ "$NEED_ONE" -le "$FD_CAP" ]; then
+        # A production-style box: one relay process, one worker per CPU.
+        RELAYS=1
+        RELAY_WORKERS=$NCPU
+        RELAY_PIN=true
+        RELAY_MAXC=$(((FD_CAP - 200) / (FPC * NCPU)))
+        RELAY_CAP=$((RELAY_MAXC * NCPU))
+    else
+        RELAY_WORKERS=1
+        RELAY_PIN=false
+        RELAY_MAXC=$(((FD_CAP - 100) / FPC))
+        RELAY_CAP=$RELAY_MAXC
+        RELAYS=$(ceil_div "$N" $((RELAY_CAP * 9 / 10)))
+    fi
+    ORIGINS=0
+    if [ "$MODE" = relayed ]; then
+        OCAP=$((FD_CAP - 100))
+        ORIGINS=$(ceil_div "$N" $((OCAP * 85 / 100)))
+    fi
+    ORIGIN_THREADS=1
+    [ "$ORIGINS" = 1 ] && ORIGIN_THREADS=$NCPU
+    LCAP=$((FD_CAP - 1000))
+    [ "$LCAP" -gt 1000000 ] && LCAP=1000000
+    LOADS=$(ceil_div "$N" "$LCAP")
+    # Source addresses for the relays' origin legs: >= 32 per relay, ~1,000 connections each.
+    SRC_PER_RELAY=$(ceil_div $((N / RELAYS + 1)) 1000)
+    [ "$SRC_PER_RELAY" -lt 32 ] && SRC_PER_RELAY=32
+    [ "$LOADS" -gt $((90 * 256)) ] && die "too many load processes ($LOADS)"
+    PROCS=$((RELAYS + ORIGINS + LOADS))
+    SOCKETS=$((2 * FPC * N))
+
+    RPORT=$PORT_BASE
+    OPORT=$((PORT_BASE + 1))
+    ADMIN_BASE=$((PORT_BASE + 100))
+
+    # ---- memory estimate ------------------------------------------------------------------------
+    MEM_TOTAL=$(meminfo_kib MemTotal)
+    MEM_AVAIL=$(meminfo_kib MemAvailable)
+    RCONN_B=$RELAY_CONN_B
+    [ "$MODE" = echo-app ] && RCONN_B=$RELAY_APP_CONN_B
+    OCONN_B=$ORIGIN_CONN_B
+    [ "$MODE" = echo-app ] && OCONN_B=0
+    LCONN_B=$LOAD_CONN_B
+    PER_CONN_B=$((2 * FPC * KERNEL_SOCKET_B + RCONN_B + OCONN_B + LCONN_B))
+    K_B=$((SOCKETS * KERNEL_SOCKET_B))
+    U_B=$((N * (RCONN_B + OCONN_B + LCONN_B)))
+    P_B=$(((RELAYS * RELAY_PROC_KIB + ORIGINS * ORIGIN_PROC_KIB + LOADS * LOAD_PROC_KIB) * 1024))
+    NEED_B=$((K_B + U_B + P_B))
+    MARGIN_KIB=$((MEM_TOTAL / 10))
+    [ "$MARGIN_KIB" -lt 1048576 ] && MARGIN_KIB=1048576
+    AVAIL_B=$(((MEM_AVAIL - MARGIN_KIB) * 1024))
+    # Largest N that fits (processes scale with N too; solve with the per-connection share).
+    PROC_PER_CONN_B=$((P_B / N))
+    FIT_N=$((AVAIL_B > 0 ? AVAIL_B / (PER_CONN_B + PROC_PER_CONN_B + 1) : 0))
+    FIT_N=$((FIT_N / 10000 * 10000))
+}
+if [ "$N" = fit ]; then
+    # The largest N the estimate allows: plan for 1M, solve, re-plan, step down until it fits.
+    N=1000000
+    make_plan
+    N=$FIT_N
+    [ "$N" -ge 10000 ] || die "not even 10,000 $MODE connections fit in MemAvailable"
+    make_plan
+    while [ "$NEED_B" -gt "$AVAIL_B" ] && [ "$N" -gt 10000 ]; do
+        N=$((N - 10000))
+        make_plan
+    done
+    CMDLINE="$CMDLINE  (fit: N = $N)"
 else
-    RELAY_WORKERS=1
-    RELAY_PIN=false
-    RELAY_MAXC=$(((FD_CAP - 100) / FPC))
-    RELAY_CAP=$RELAY_MAXC
-    RELAYS=$(ceil_div "$N" $((RELAY_CAP * 9 / 10)))
+    make_plan
 fi
-ORIGINS=0
-if [ "$MODE" = relayed ]; then
-    OCAP=$((FD_CAP - 100))
-    ORIGINS=$(ceil_div "$N" $((OCAP * 85 / 100)))
+if [ "$TRICKLE" = auto ]; then
+    TRICKLE=$(((N + 3999) / 4000))
+    [ "$TRICKLE" -lt 30 ] && TRICKLE=30
 fi
-ORIGIN_THREADS=1
-[ "$ORIGINS" = 1 ] && ORIGIN_THREADS=$NCPU
-LCAP=$((FD_CAP - 1000))
-[ "$LCAP" -gt 1000000 ] && LCAP=1000000
-LOADS=$(ceil_div "$N" "$LCAP")
-# Source addresses for the relays' origin legs: >= 32 per relay, ~1,000 connections each.
-SRC_PER_RELAY=$(ceil_div $((N / RELAYS + 1)) 1000)
-[ "$SRC_PER_RELAY" -lt 32 ] && SRC_PER_RELAY=32
-[ "$LOADS" -gt $((90 * 256)) ] && die "too many load processes ($LOADS)"
-PROCS=$((RELAYS + ORIGINS + LOADS))
-SOCKETS=$((2 * FPC * N))
-
-RPORT=$PORT_BASE
-OPORT=$((PORT_BASE + 1))
-ADMIN_BASE=$((PORT_BASE + 100))
-
-# ---- memory estimate ------------------------------------------------------------------------
-MEM_TOTAL=$(meminfo_kib MemTotal)
-MEM_AVAIL=$(meminfo_kib MemAvailable)
-RCONN_B=$RELAY_CONN_B
-[ "$MODE" = echo-app ] && RCONN_B=$RELAY_APP_CONN_B
-OCONN_B=$ORIGIN_CONN_B
-[ "$MODE" = echo-app ] && OCONN_B=0
-LCONN_B=$LOAD_CONN_B
-PER_CONN_B=$((2 * FPC * KERNEL_SOCKET_B + RCONN_B + OCONN_B + LCONN_B))
-K_B=$((SOCKETS * KERNEL_SOCKET_B))
-U_B=$((N * (RCONN_B + OCONN_B + LCONN_B)))
-P_B=$(((RELAYS * RELAY_PROC_KIB + ORIGINS * ORIGIN_PROC_KIB + LOADS * LOAD_PROC_KIB) * 1024))
-NEED_B=$((K_B + U_B + P_B))
-MARGIN_KIB=$((MEM_TOTAL / 10))
-[ "$MARGIN_KIB" -lt 1048576 ] && MARGIN_KIB=1048576
-AVAIL_B=$(((MEM_AVAIL - MARGIN_KIB) * 1024))
-# Largest N that fits (processes scale with N too; solve with the per-connection share).
-PROC_PER_CONN_B=$((P_B / N))
-FIT_N=$((AVAIL_B > 0 ? AVAIL_B / (PER_CONN_B + PROC_PER_CONN_B + 1) : 0))
-FIT_N=$((FIT_N / 10000 * 10000))
 
 print_plan() {
     cat >&2 <<EOF
@@ -263,6 +292,7 @@ memory estimate (measured per-socket/per-connection figures; MILLION_* to overri
   largest N that fits in $MODE mode: ~$(commas "$FIT_N")
 EOF
 }
+[ -z "$MAX_RAMP" ] && MAX_RAMP=$((3 * N / RATE + 60))
 print_plan
 FITS=1
 [ "$NEED_B" -gt "$AVAIL_B" ] && FITS=0
@@ -327,7 +357,7 @@ stop_pids() { # stop_pids GRACE PID...: TERM, wait up to GRACE s, then KILL what
         sleep 0.1
     done
     for p in "$@"; do kill -KILL "$p" 2>/dev/null; done
-    for p in "$@"; do wait "$p" 2>/dev/null; done
+    { for p in "$@"; do wait "$p"; done; } 2>/dev/null
     return 0
 }
 

@@ -93,6 +93,17 @@ def slabinfo():
     return out
 
 
+def cpu_times():
+    """(busy jiffies, softirq jiffies, total jiffies) over all CPUs from /proc/stat."""
+    for line in read("/proc/stat").splitlines():
+        if line.startswith("cpu "):
+            v = [int(x) for x in line.split()[1:]]
+            idle = v[3] + (v[4] if len(v) > 4 else 0)
+            total = sum(v[:8])
+            return total - idle, v[6] if len(v) > 6 else 0, total
+    return 0, 0, 0
+
+
 def conntrack():
     v = read("/proc/sys/net/netfilter/nf_conntrack_count").strip()
     return int(v) if v.isdigit() else None
@@ -240,16 +251,26 @@ def cmd_sample(a):
         upgraded = sum(last_metrics.get(p, {}).get("upgraded", 0) for p in ports)
         refused = sum(last_metrics.get(p, {}).get("refused", 0) for p in ports)
         now = time.time()
-        ticks = 0
-        for pid, _ in relays:
+        ticks = {"relay": 0, "origin": 0, "load": 0}
+        for g, pid, _ in procs:
             t = proc_ticks(pid)
             if t is not None:
                 last_ticks[pid] = t
-            ticks += last_ticks.get(pid, 0)
-        cpu_pct = None
+            if g in ticks:
+                ticks[g] += last_ticks.get(pid, 0)
+        machine = cpu_times()
+        cpu_pct = other_pct = machine_pct = softirq_pct = None
         if last_t is not None and now > last_t[0]:
-            cpu_pct = round((ticks - last_t[1]) / CLK_TCK / (now - last_t[0]) * 100, 1)
-        last_t = (now, ticks)
+            dt = now - last_t[0]
+            cpu_pct = round((ticks["relay"] - last_t[1]["relay"]) / CLK_TCK / dt * 100, 1)
+            other_pct = round((ticks["origin"] + ticks["load"] - last_t[1]["origin"] - last_t[1]["load"])
+                              / CLK_TCK / dt * 100, 1)
+            dtot = machine[2] - last_t[2][2]
+            if dtot > 0:
+                ncpu = os.cpu_count() or 1
+                machine_pct = round((machine[0] - last_t[2][0]) / dtot * 100 * ncpu, 1)
+                softirq_pct = round((machine[1] - last_t[2][1]) / dtot * 100 * ncpu, 1)
+        last_t = (now, ticks, machine)
         mi = meminfo()
         ss = sockstat()
         slab = slabinfo()
@@ -270,6 +291,9 @@ def cmd_sample(a):
             "relay_anon_kib": rss.get("relay", {}).get("anon_kib", 0),
             "relays_alive": rss.get("relay", {}).get("alive", 0),
             "relay_cpu_pct": cpu_pct,
+            "origin_load_cpu_pct": other_pct,
+            "machine_cpu_pct": machine_pct,
+            "softirq_cpu_pct": softirq_pct,
             "origin_rss_kib": rss.get("origin", {}).get("rss_kib", 0),
             "load_rss_kib": rss.get("load", {}).get("rss_kib", 0),
             "load": lp,
@@ -292,6 +316,8 @@ def cmd_sample(a):
             rate = f"(+{(active - prev_active[1]) / max(0.001, now - prev_active[0]):,.0f}/s)"
         prev_active = (now, active)
         cpu = f"{cpu_pct:.0f}%" if cpu_pct is not None else "-"
+        if machine_pct is not None:
+            cpu += f" (box {machine_pct:.0f}%)"
         print(
             f"[{s['t']:7.0f}s] {phase:<8} relays {active:,}/{target:,}{stale} {rate:<11} "
             f"load open {lp['open']:,}  fail {s['failures']}  refused {refused}  "
@@ -339,6 +365,11 @@ def cmd_snapshot(a):
 
 
 # ----------------------------------------------------------------------------- report
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 1) if xs else None
+
+
 def fmt_int(n):
     return f"{n:,.0f}" if n is not None else "n/a"
 
@@ -537,6 +568,8 @@ def cmd_report(a):
         "trickle_rtt_us_p99_max": None,
         "relay_cpu_pct_hold_mean": round(sum(relay_cpu) / len(relay_cpu), 1) if relay_cpu else None,
         "relay_cpu_pct_ramp_mean": round(sum(ramp_cpu) / len(ramp_cpu), 1) if ramp_cpu else None,
+        "machine_cpu_pct_hold_mean": mean([s.get("machine_cpu_pct") for s in in_hold]),
+        "machine_cpu_pct_ramp_mean": mean([s.get("machine_cpu_pct") for s in samples if s["phase"] == "ramp"]),
         "ok": False,
     }
     rtts = [x.get("rtt_us") or {} for x in loads if x.get("messages")]
@@ -657,11 +690,16 @@ def summary_md(res, plan, run, svg_copy):
     p = plan["processes"]
     lines = []
     verdict = "held" if res["ok"] else "NOT held"
-    lines.append(f"**{mode}, {n:,} connections: {verdict}** — minimum during the {res['hold_window_s']} s hold "
-                 f"window: {res['held_min_during_hold']:,} open at the relays "
-                 f"({res['hold_samples_all_relays_answered']} of {res['hold_samples']} samples with every relay "
-                 f"answering), {res['load_open_min_during_hold']:,} at the load processes; "
-                 f"{res['failures_total']} failures.")
+    if res["hold_window_s"] is None:
+        lines.append(f"**{mode}, {n:,} connections: NOT held** — the ramp did not complete "
+                     f"(peak {res['relay_active_peak']:,} open at the relays; {res['failures_total']} failures"
+                     + (f"; {res['aborted']}" if res.get("aborted") else "") + ").")
+    else:
+      lines.append(f"**{mode}, {n:,} connections: {verdict}** — minimum during the {res['hold_window_s']} s hold "
+                   f"window: {res['held_min_during_hold']:,} open at the relays "
+                   f"({res['hold_samples_all_relays_answered']} of {res['hold_samples']} samples with every relay "
+                   f"answering), {res['load_open_min_during_hold']:,} at the load processes; "
+                   f"{res['failures_total']} failures.")
     lines.append("")
     lines.append(f"- Command: `{plan['command']}`")
     lines.append(f"- Machine: {plan['machine']['cpus']} CPUs, MemTotal {plan['machine']['mem_total_kib'] / 2**20:.1f} GiB, "
@@ -673,7 +711,8 @@ def summary_md(res, plan, run, svg_copy):
     rr = res.get("ramp_rate_per_s")
     lines.append(f"- Ramp: {res['ramp_s']} s at {rr:,.0f} connections/s (asked {plan['rate']:,}/s); "
                  f"relay CPU {res['relay_cpu_pct_ramp_mean']} % during the ramp, "
-                 f"{res['relay_cpu_pct_hold_mean']} % during the hold (100 % = one core)" if rr else
+                 f"{res['relay_cpu_pct_hold_mean']} % during the hold (100 % = one core; whole box "
+                 f"{res['machine_cpu_pct_ramp_mean']} % / {res['machine_cpu_pct_hold_mean']} % of 200 %)" if rr else
                  f"- Ramp: incomplete")
     if res.get("trickle_messages"):
         lines.append(f"- Trickle: one {plan['trickle_size']} B message per connection every {plan['trickle_s']} s: "
