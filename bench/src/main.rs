@@ -10,6 +10,7 @@ mod load;
 mod net;
 mod origin;
 mod report;
+mod rooms;
 mod ws;
 
 use std::net::SocketAddr;
@@ -38,6 +39,10 @@ enum Cmd {
     Load(LoadOpts),
     /// Independent tokio-tungstenite throughput client, to cross-check `load`.
     Check(CheckOpts),
+    /// Fan-out benchmark for relay's pub/sub rooms: publish latency or member chatter.
+    Rooms(RoomsOpts),
+    /// Combines the JSON files of the `rooms` processes that held one room.
+    RoomsMerge(RoomsMergeOpts),
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +161,104 @@ struct CheckOpts {
     max_seconds: u64,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum RoomsModeOpt {
+    Publish,
+    Chatter,
+}
+
+#[derive(Args, Debug)]
+struct RoomsOpts {
+    /// relay's WebSocket listener: HOST:PORT, loopback only.
+    #[arg(long)]
+    target: String,
+    /// Host header value (default: the --target text).
+    #[arg(long)]
+    host: Option<String>,
+    /// Room name; members upgrade to --path-prefix + NAME.
+    #[arg(long)]
+    room: String,
+    /// Path prefix of the rooms route.
+    #[arg(long, default_value = "/rooms/")]
+    path_prefix: String,
+    /// relay's admin listener (publish API, GET /v1/rooms): HOST:PORT, loopback only.
+    #[arg(long)]
+    admin: String,
+    /// Bearer token of the publish API (apps.publish_token).
+    #[arg(long)]
+    token: String,
+    /// publish: timed POSTs to the admin API; chatter: members publish continuously.
+    #[arg(long, value_enum)]
+    mode: RoomsModeOpt,
+    /// Members this process opens.
+    #[arg(long)]
+    members: u64,
+    /// Members of the room over all loader processes (default: --members).
+    #[arg(long)]
+    room_members: Option<u64>,
+    /// Global number of this process's first member (default 0; give each process its own).
+    #[arg(long, default_value_t = 0)]
+    first_member: u64,
+    /// Not the leader: do not publish, do not start the chatter window, follow the leader.
+    #[arg(long)]
+    follower: bool,
+    /// publish: number of publishes.
+    #[arg(long, default_value_t = 20)]
+    count: u32,
+    /// publish: milliseconds between publishes.
+    #[arg(long, default_value_t = 250.0)]
+    interval: f64,
+    /// chatter: window in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// chatter: messages per second over the whole room, spread round-robin over members.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Payload bytes of every message (at least 24, the stamp).
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    /// Event-loop threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Source addresses: an IPv4 range A-B (e.g. 127.1.0.1-127.1.0.254) or a list A,B,...
+    #[arg(long)]
+    sources: Option<String>,
+    /// New connections per second while opening members (0 = as fast as --max-pending allows).
+    #[arg(long, default_value_t = 0.0)]
+    connect_rate: f64,
+    /// Connection attempts in progress at once.
+    #[arg(long, default_value_t = 1024)]
+    max_pending: u64,
+    /// A member not upgraded after this many seconds is a failure.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Leader: seconds to wait for GET /v1/rooms to show --room-members.
+    #[arg(long, default_value_t = 60.0)]
+    room_wait: f64,
+    /// Seconds to wait for stragglers after the last publish / the chatter window.
+    #[arg(long, default_value_t = 10.0)]
+    settle: f64,
+    /// Leader: relay's PID, to sample its CPU time (/proc/PID/stat) and RSS.
+    #[arg(long)]
+    relay_pid: Option<u32>,
+    /// Write the JSON result to FILE ("-" = stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
+    /// Hard cap on the whole run in seconds.
+    #[arg(long, default_value_t = 600)]
+    max_seconds: u64,
+}
+
+#[derive(Args, Debug)]
+struct RoomsMergeOpts {
+    /// JSON files written by `rooms --json`, one per process.
+    #[arg(required = true)]
+    files: Vec<String>,
+    /// Write the merged JSON to FILE ("-" = stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
+}
+
 /// Largest message accepted by `load`/`check` (they build each message in memory).
 const MAX_SIZE: usize = 64 << 20;
 
@@ -262,7 +365,93 @@ fn run(cli: Cli) -> Result<i32> {
             r.emit(o.json.as_deref())?;
             Ok(report::exit_code(&r))
         }
+        Cmd::Rooms(o) => {
+            let r = rooms::run(rooms_args(&o)?)?;
+            r.emit(o.json.as_deref())?;
+            Ok(r.exit_code())
+        }
+        Cmd::RoomsMerge(o) => {
+            let r = rooms::merge(&o.files)?;
+            r.emit(o.json.as_deref())?;
+            Ok(r.exit_code())
+        }
     }
+}
+
+fn rooms_args(o: &RoomsOpts) -> Result<rooms::RoomsArgs> {
+    let target = net::loopback_target(&o.target)?;
+    let admin = net::loopback_target(&o.admin).map_err(|e| anyhow::anyhow!("--admin: {e}"))?;
+    let room_ok = |c: char| c.is_ascii_alphanumeric() || "._~-".contains(c);
+    if o.room.is_empty() || o.room.len() > 128 || !o.room.chars().all(room_ok) {
+        bail!(
+            "--room {:?}: 1 to 128 characters of A-Z a-z 0-9 . _ ~ -",
+            o.room
+        );
+    }
+    if !o.path_prefix.starts_with('/') {
+        bail!("--path-prefix must start with /");
+    }
+    let sources = match o.sources.as_deref() {
+        Some(s) if s.contains('-') => net::Sources::parse(Some(s), None, target)?,
+        Some(s) => net::Sources::parse(None, Some(s), target)?,
+        None => net::Sources::parse(None, None, target)?,
+    };
+    if o.size > MAX_SIZE {
+        bail!("--size {}: at most {MAX_SIZE} bytes", o.size);
+    }
+    if !o.connect_rate.is_finite() || o.connect_rate < 0.0 {
+        bail!("--connect-rate must be >= 0");
+    }
+    let mode = match o.mode {
+        RoomsModeOpt::Publish => {
+            if o.count == 0 {
+                bail!("--count must be >= 1");
+            }
+            rooms::Mode::Publish {
+                count: o.count,
+                interval: Duration::from_secs_f64(
+                    secs("interval", o.interval)?.as_secs_f64() / 1e3,
+                ),
+            }
+        }
+        RoomsModeOpt::Chatter => {
+            if !o.rate.is_finite() || o.rate <= 0.0 {
+                bail!("--rate must be > 0 messages per second");
+            }
+            let duration = secs("duration", o.duration)?;
+            if duration.is_zero() {
+                bail!("--duration must be > 0");
+            }
+            rooms::Mode::Chatter {
+                duration,
+                rate: o.rate,
+            }
+        }
+    };
+    Ok(rooms::RoomsArgs {
+        target,
+        target_str: o.target.clone(),
+        host: o.host.clone().unwrap_or_else(|| o.target.clone()),
+        path: format!("{}{}", o.path_prefix, o.room),
+        room: o.room.clone(),
+        admin,
+        token: o.token.clone(),
+        members: o.members,
+        room_members: o.room_members.unwrap_or(o.members),
+        first_member: o.first_member,
+        follower: o.follower,
+        mode,
+        size: o.size,
+        threads: o.threads as usize,
+        sources,
+        rate: o.connect_rate,
+        max_pending: o.max_pending.max(1),
+        connect_timeout: secs("connect-timeout", o.connect_timeout)?,
+        room_wait: secs("room-wait", o.room_wait)?,
+        settle: secs("settle", o.settle)?,
+        relay_pid: o.relay_pid,
+        max_seconds: o.max_seconds,
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +492,37 @@ mod tests {
             "30",
             "--trickle",
             "5",
+        ])
+        .unwrap();
+        Cli::try_parse_from([
+            "relay-bench",
+            "rooms",
+            "--target",
+            "127.0.0.1:8080",
+            "--room",
+            "bench",
+            "--admin",
+            "127.0.0.1:9090",
+            "--token",
+            "t",
+            "--mode",
+            "chatter",
+            "--members",
+            "9000",
+            "--room-members",
+            "18000",
+            "--follower",
+            "--sources",
+            "127.1.0.1-127.1.0.254",
+        ])
+        .unwrap();
+        Cli::try_parse_from([
+            "relay-bench",
+            "rooms-merge",
+            "a.json",
+            "b.json",
+            "--json",
+            "-",
         ])
         .unwrap();
         Cli::try_parse_from([
