@@ -11,6 +11,8 @@
   million.py snapshot --dir RUN --name NAME
       RUN/snap-NAME.json: slabinfo (per cache: objects, object size, slab bytes), meminfo,
       sockstat, conntrack count, RSS (VmRSS, RssAnon) per process group.
+  million.py combine  OUT.svg RUN1/million.svg RUN2/million.svg ...
+      Stacks plots into one SVG (docs/million.svg holds the relayed and the echo-app run).
   million.py report   --dir RUN [--docs FILE] [--svg-copy PATH]
       RUN/result.json, RUN/million.svg and RUN/summary.md from plan.json, samples.jsonl,
       events.txt, the two snapshots and the load processes' JSON; prints the summary.
@@ -466,8 +468,8 @@ def svg_plot(samples, ev, t0, plan, base):
         for v in yt:
             y = Y(v)
             out.append(f'<line x1="{L}" x2="{W - R}" y1="{y:.1f}" y2="{y:.1f}" stroke="#ddd"/>')
-            dec = 0 if step >= 1 else (1 if abs(step * 10 - round(step * 10)) < 1e-9 else 2)
-            txt = f"{v:,.0f}" if unit == 1 else f"{v:.{max(dec, 0 if step >= 1 else 1)}f}"
+            dec = next(d for d in (0, 1, 2, 3) if abs(step * 10 ** d - round(step * 10 ** d)) < 1e-9 or d == 3)
+            txt = f"{v:,.{dec}f}"
             out.append(f'<text x="{L - 6}" y="{y + 4:.1f}" text-anchor="end">{txt}</text>')
         for t in xt:
             x = X(t)
@@ -773,6 +775,25 @@ def update_docs(path, mode, md):
     os.replace(tmp, path)
 
 
+def cmd_combine(a):
+    """Stack several million.svg plots into one SVG (e.g. docs/million.svg)."""
+    parts, y, width = [], 0, 0
+    for path in a.svgs:
+        text = read(path)
+        m = re.search(r'<svg[^>]*width="(\d+)" height="(\d+)"[^>]*>', text)
+        if not m:
+            sys.exit(f"{path}: not a million.py plot")
+        w, h = int(m.group(1)), int(m.group(2))
+        inner = text[m.end():text.rindex("</svg>")]
+        parts.append(f'<svg x="0" y="{y}" width="{w}" height="{h}" viewBox="0 0 {w} {h}">{inner}</svg>')
+        y += h
+        width = max(width, w)
+    with open(a.out, "w") as f:
+        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" '
+                f'viewBox="0 0 {width} {y}" font-family="sans-serif" font-size="12">\n')
+        f.write("\n".join(parts) + "\n</svg>\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -788,7 +809,13 @@ def main():
     s.add_argument("--dir", required=True)
     s.add_argument("--docs")
     s.add_argument("--svg-copy")
+    s = sub.add_parser("combine")
+    s.add_argument("out")
+    s.add_argument("svgs", nargs="+")
     a = ap.parse_args()
+    if a.cmd == "combine":
+        cmd_combine(a)
+        return
     if a.cmd == "sample":
         cmd_sample(a)
     elif a.cmd == "snapshot":
