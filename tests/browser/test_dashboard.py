@@ -53,6 +53,14 @@ async def displayed(page: Page) -> dict:
     )
 
 
+def routes_total(d):
+    """Sum of the route table's active column, or None when the page shows no route rows."""
+    try:
+        return sum(as_int(r[1]) for r in d["routes"])
+    except (ValueError, IndexError, TypeError):
+        return None
+
+
 def as_int(text: str) -> int:
     return int(text.replace(",", ""))
 
@@ -89,10 +97,13 @@ def test_dashboard_shows_rising_load(relay, chromium):
             trail: list[int] = []
             for target in (50, 150):
                 await load.open(target - load.count)
+                # Per-route figures are published once per 100 ms tick, worker totals on
+                # every loop turn: wait until the page shows both at the target.
                 d = await wait_displayed(
                     page,
-                    lambda d: d["active"]["value"] == target,
-                    f"total-active == {target}",
+                    lambda d: d["active"]["value"] == target
+                    and routes_total(d) in (None, target),
+                    f"total-active == {target} and the routes' active sum with it",
                     trail=trail,
                 )
                 # What the page shows is what relay counts.
