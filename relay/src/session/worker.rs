@@ -67,6 +67,30 @@ fn count_bytes(c: &mut Counters, routes: &mut [RouteCounters], s: &mut Session, 
     }
 }
 
+/// What an app client sent, decoded: owned events, and the decoder's verdict.
+enum In {
+    Message(DataKind, Vec<u8>),
+    Ping(ControlFrame),
+    Pong,
+    Close(ControlFrame),
+}
+
+type Decoded = (Vec<In>, Result<(), crate::proto::ws::ProtocolError>);
+
+/// Feeds client bytes to a connection's decoder. Borrows only the connection's state, so
+/// the bytes can come straight from a ring buffer.
+fn decode_app(app: &mut AppConn, data: &[u8]) -> Decoded {
+    let mut events = Vec::new();
+    let result = app.decoder.feed(data, |e| match e {
+        Event::Message(m) => events.push(In::Message(m.kind(), m.take())),
+        Event::Ping(p) => events.push(In::Ping(p.pong())),
+        Event::Pong(_) => events.push(In::Pong),
+        Event::Close(c) => events.push(In::Close(c.reply())),
+        Event::Fragment(_) => {}
+    });
+    (events, result)
+}
+
 fn app_impl(kind: AppKind) -> &'static dyn EdgeApp {
     match kind {
         AppKind::Echo | AppKind::Demo => &apps::Echo,
@@ -1557,8 +1581,9 @@ impl Worker {
         // Frames that came right behind the request head.
         let early = &up.origin_head[up.origin_head.len() - up.early..];
         if !early.is_empty() {
-            let early = early.to_vec();
-            self.app_input(slot, &early);
+            let app = self.sessions[slot].app.as_mut().expect("app just set");
+            let decoded = decode_app(app, early);
+            self.app_input(slot, decoded);
         }
         self.app_kick(slot);
         self.arm_recv_multi(slot, Dir::Up);
@@ -1600,10 +1625,14 @@ impl Worker {
         let s = &mut self.sessions[slot];
         s.last_active = self.now;
         count_bytes(&mut self.counters, &mut self.routes, s, Dir::Up, n as u64);
-        // The decoder copies what it keeps; the ring buffer goes back at once.
-        let data = self.reactor.buf(bid, n).to_vec();
+        // Decode straight from the ring buffer (the decoder copies only what it keeps), then
+        // give the buffer back before acting on the events.
+        let decoded = match self.sessions[slot].app.as_mut() {
+            Some(app) => decode_app(app, self.reactor.buf(bid, n)),
+            None => (Vec::new(), Ok(())),
+        };
         self.reactor.recycle(bid);
-        self.app_input(slot, &data);
+        self.app_input(slot, decoded);
         self.app_kick(slot);
         let rearm = self
             .sessions
@@ -1615,25 +1644,12 @@ impl Worker {
     }
 
     /// Feeds client bytes to the session's decoder and acts on what it finds.
-    fn app_input(&mut self, slot: usize, data: &[u8]) {
-        enum In {
-            Message(DataKind, Vec<u8>),
-            Ping(ControlFrame),
-            Pong,
-            Close(ControlFrame),
-        }
-        let Some(app) = self.sessions[slot].app.as_mut() else {
+    /// Acts on what the decoder found in a client's bytes (see [`decode_app`]).
+    fn app_input(&mut self, slot: usize, decoded: Decoded) {
+        let (events, result) = decoded;
+        let Some(kind) = self.sessions[slot].app.as_ref().map(|a| a.kind) else {
             return;
         };
-        let mut events = Vec::new();
-        let result = app.decoder.feed(data, |e| match e {
-            Event::Message(m) => events.push(In::Message(m.kind(), m.take())),
-            Event::Ping(p) => events.push(In::Ping(p.pong())),
-            Event::Pong(_) => events.push(In::Pong),
-            Event::Close(c) => events.push(In::Close(c.reply())),
-            Event::Fragment(_) => {}
-        });
-        let kind = app.kind;
         for ev in events {
             match ev {
                 In::Message(k, payload) => {
