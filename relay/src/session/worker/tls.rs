@@ -222,36 +222,15 @@ impl Worker {
     /// The TCP connection to a TLS origin is up: send the ClientHello. The request head
     /// waits in `hs.origin_head` until the handshake completes.
     pub(super) fn tls_origin_start(&mut self, slot: usize) {
-        let conn = match self.pool_tls_of(slot).map(TlsConn::client) {
-            Some(Ok(c)) => c,
-            Some(Err(e)) => {
-                tracing::warn!(worker = self.id, "cannot start TLS toward the origin: {e}");
-                self.counters.origin_tls_failures += 1;
-                self.respond(
-                    slot,
-                    Reject {
-                        status: Status::BadGateway,
-                        reason: "TLS handshake with the origin failed",
-                    },
-                );
-                return;
-            }
-            None => unreachable!("called for TLS pools only"),
+        let Some(cfg) = self.pool_tls_of(slot) else {
+            unreachable!("called for TLS pools only")
         };
-        let mut conn = Box::new(conn);
         let mut hello = Vec::new();
-        if let Err(e) = conn.start(&mut hello) {
-            tracing::warn!(worker = self.id, "cannot start TLS toward the origin: {e}");
-            self.counters.origin_tls_failures += 1;
-            self.respond(
-                slot,
-                Reject {
-                    status: Status::BadGateway,
-                    reason: "TLS handshake with the origin failed",
-                },
-            );
-            return;
-        }
+        let conn = TlsConn::client(cfg).and_then(|mut c| c.start(&mut hello).map(|()| c));
+        let conn = match conn {
+            Ok(c) => Box::new(c),
+            Err(e) => return self.origin_tls_failed(slot, e),
+        };
         let now = self.now;
         let s = &mut self.sessions[slot];
         let t = s.tls.get_or_insert_with(Box::default);
@@ -287,16 +266,7 @@ impl Worker {
             match r {
                 Err(e) => {
                     self.scratch = plain;
-                    self.counters.origin_tls_failures += 1;
-                    let origin = self.origin_addr(slot);
-                    tracing::warn!(worker = self.id, %origin, "TLS handshake with origin failed: {e}");
-                    self.respond(
-                        slot,
-                        Reject {
-                            status: Status::BadGateway,
-                            reason: "TLS handshake with the origin failed",
-                        },
-                    );
+                    self.origin_tls_failed(slot, e);
                     return;
                 }
                 Ok(p) => {
@@ -351,6 +321,20 @@ impl Worker {
             self.arm_recv_multi(slot, Dir::Down);
         }
         self.arm_timer(slot);
+    }
+
+    /// The TLS handshake with the origin failed (or could not start): 502, counted, logged.
+    fn origin_tls_failed(&mut self, slot: usize, e: crate::tls::Error) {
+        self.counters.origin_tls_failures += 1;
+        let origin = self.origin_addr(slot);
+        tracing::warn!(worker = self.id, %origin, "TLS handshake with origin failed: {e}");
+        self.respond(
+            slot,
+            Reject {
+                status: Status::BadGateway,
+                reason: "TLS handshake with the origin failed",
+            },
+        );
     }
 
     /// The address of the session's origin, for logs.
