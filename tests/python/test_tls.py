@@ -727,19 +727,19 @@ def bad_setups(pki, tmp: Path) -> dict:
         "key-does-not-match-cert": ((good_other.cert, pki.server.key), e),
         "cert-expired": ((expired.cert, expired.key), f"{e}.cert"),
         "cert-not-yet-valid": ((future.cert, future.key), f"{e}.cert"),
-        "no-certificate-in-pem (key file)": ((good_other.key, good_other.key), f"{e}.cert"),
-        "no-certificate-in-pem (empty)": ((empty, good_other.key), f"{e}.cert"),
-        "no-certificate-in-pem (text)": ((only_text, good_other.key), f"{e}.cert"),
-        "no-key-in-pem (cert file)": ((good_other.cert, good_other.cert), f"{e}.key"),
-        "no-key-in-pem (empty)": ((good_other.cert, empty), f"{e}.key"),
+        "no-certificate-in-pem-key-file": ((good_other.key, good_other.key), f"{e}.cert"),
+        "no-certificate-in-pem-empty": ((empty, good_other.key), f"{e}.cert"),
+        "no-certificate-in-pem-text": ((only_text, good_other.key), f"{e}.cert"),
+        "no-key-in-pem-cert-file": ((good_other.cert, good_other.cert), f"{e}.key"),
+        "no-key-in-pem-empty": ((good_other.cert, empty), f"{e}.key"),
     }
 
 
 START_CASES = [
     "missing-cert-file", "missing-key-file", "cert-is-a-directory", "key-does-not-match-cert",
-    "cert-expired", "cert-not-yet-valid", "no-certificate-in-pem (key file)",
-    "no-certificate-in-pem (empty)", "no-certificate-in-pem (text)",
-    "no-key-in-pem (cert file)", "no-key-in-pem (empty)",
+    "cert-expired", "cert-not-yet-valid", "no-certificate-in-pem-key-file",
+    "no-certificate-in-pem-empty", "no-certificate-in-pem-text",
+    "no-key-in-pem-cert-file", "no-key-in-pem-empty",
 ]
 
 
@@ -815,6 +815,12 @@ def test_quick_mode_tls_to_origin(pki, py_origin, start_relay):
     assert [o["path"] for o in py_origin.events("open")] == ["/quick"]
 
 
+def room_members(relay: Relay, name: str) -> int:
+    status, body = relay.get("/v1/rooms")
+    assert status == 200, (status, body)
+    return {r["name"]: r["members"] for r in json.loads(body)["rooms"]}.get(name, 0)
+
+
 def test_quick_mode_tls_without_origin_serves_embedded_apps(pki, start_relay):
     """No --origin: /echo, /rooms/{name} and the demo page at /, all over TLS."""
     relay = start_relay(tls=pki.server)
@@ -826,17 +832,11 @@ def test_quick_mode_tls_without_origin_serves_embedded_apps(pki, start_relay):
                            texts=["hello", "t" * (100 * KB)])
         async with wss_client(relay.wss_url + "/rooms/tls-room", ctx) as a, \
                 wss_client(relay.wss_url + "/rooms/tls-room", ctx) as b:
-            # The room has both once a message from each side crosses; retry the first
-            # message until b is a member (membership has no event a client can see).
-            deadline = time.monotonic() + 5
-            while True:
-                await a.send("ping from a")
-                try:
-                    got = await asyncio.wait_for(b.recv(), 0.2)
-                    break
-                except TimeoutError:
-                    assert time.monotonic() < deadline, "b never got a's message"
-            assert got == "ping from a"
+            # Membership has no event a client sees: wait for /v1/rooms to list both.
+            await asyncio.to_thread(wait_until, lambda: room_members(relay, "tls-room") == 2,
+                                    5, what="2 members in tls-room")
+            await a.send("ping from a")
+            assert await asyncio.wait_for(b.recv(), 5) == "ping from a"
             await b.send("pong from b")
             assert await asyncio.wait_for(a.recv(), 5) == "pong from b"
 
