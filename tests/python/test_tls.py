@@ -84,7 +84,8 @@ def listener_tls(
         out.append(f"tickets = {'true' if tickets else 'false'}")
     for i, c in enumerate(certs):
         cert, key = (c.cert, c.key) if hasattr(c, "cert") else c
-        out.append(f"\n[[listener.tls.certificate]]\ncert = {toml_str(cert)}\nkey = {toml_str(key)}")
+        out.append("\n[[listener.tls.certificate]]")
+        out.append(f"cert = {toml_str(cert)}\nkey = {toml_str(key)}")
         if names and i in names:
             out.append(f"names = {json.dumps(names[i])}")
     return "\n".join(out) + "\n"
