@@ -354,6 +354,17 @@ fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Quick-mode command-line settings (see [`Config::quick`]).
+#[derive(Debug, Default)]
+pub struct Quick<'a> {
+    pub listen: &'a [String],
+    pub listen_tls: &'a [String],
+    /// Certificate chain and key files for the TLS listeners.
+    pub cert_key: Option<(&'a str, &'a str)>,
+    pub origins: &'a [String],
+    pub admin: Option<&'a str>,
+}
+
 /// An origin: `IP:PORT`, `ws://HOST:PORT` or `wss://HOST:PORT` (a host name is resolved
 /// once, at start-up). Returns the address, whether it is TLS, and the host name if one was
 /// given.
@@ -461,30 +472,52 @@ impl Config {
         Config::from_toml(EMBEDDED_DEFAULT).expect("embedded default config is valid")
     }
 
-    /// Quick mode: one listener, every upgrade to one pool.
-    pub fn quick(
-        listen: &[String],
-        origins: &[String],
-        admin: Option<&str>,
-    ) -> Result<Config, ConfigError> {
-        let mut raw = RawConfig::default();
-        raw.listeners = listen
+    /// Quick mode: plaintext and TLS listeners relaying every upgrade to one pool, or (no
+    /// origins) serving the embedded default's edge apps.
+    pub fn quick(q: &Quick<'_>) -> Result<Config, ConfigError> {
+        let mut raw = if q.origins.is_empty() {
+            toml::from_str::<RawConfig>(EMBEDDED_DEFAULT).expect("embedded default parses")
+        } else {
+            let mut raw = RawConfig::default();
+            raw.pools = vec![raw::RawPool {
+                name: "origin".into(),
+                origins: q.origins.to_vec(),
+                ..Default::default()
+            }];
+            raw.routes = vec![raw::RawRoute {
+                pool: "origin".into(),
+                ..Default::default()
+            }];
+            raw
+        };
+        raw.listeners = q
+            .listen
             .iter()
             .map(|a| raw::RawListener {
                 address: a.clone(),
                 ..Default::default()
             })
             .collect();
-        raw.pools = vec![raw::RawPool {
-            name: "origin".into(),
-            origins: origins.to_vec(),
-            ..Default::default()
-        }];
-        raw.routes = vec![raw::RawRoute {
-            pool: "origin".into(),
-            ..Default::default()
-        }];
-        if let Some(a) = admin {
+        if !q.listen_tls.is_empty() {
+            let (cert, key) = q.cert_key.ok_or_else(|| {
+                ConfigError::new("--listen-tls", "needs --cert FILE and --key FILE")
+            })?;
+            for a in q.listen_tls {
+                raw.listeners.push(raw::RawListener {
+                    address: a.clone(),
+                    tls: Some(raw::RawListenerTls {
+                        certificates: vec![raw::RawCertificate {
+                            cert: cert.to_string(),
+                            key: key.to_string(),
+                            names: Vec::new(),
+                        }],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+        if let Some(a) = q.admin {
             raw.admin.address = a.to_string();
         }
         Config::from_raw(raw)
