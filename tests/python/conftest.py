@@ -134,10 +134,12 @@ class ManagedProcess:
 class PyOrigin(ManagedProcess):
     """origin_server.py: the Python `websockets` server as origin (over TLS with `tls`)."""
 
-    def __init__(self, tls: "CertFiles | None" = None) -> None:
+    def __init__(self, tls: "CertFiles | None" = None, client_ca: Path | None = None) -> None:
         argv = [sys.executable, "-u", str(HERE / "origin_server.py"), "--port", "0"]
         if tls is not None:
             argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            if client_ca is not None:
+                argv += ["--tls-client-ca", str(client_ca)]
         super().__init__("python-origin" + ("-tls" if tls else ""), argv)
         line = self.wait_line("out", lambda l: '"ready"' in l, START_TIMEOUT, "ready event")
         self.port = json.loads(line)["port"]
@@ -525,6 +527,14 @@ def pki(tmp_path_factory) -> Pki:
 def tls_origin(pki):
     """origin_server.py over TLS with a certificate for origin.test / 127.0.0.1 from the CA."""
     o = PyOrigin(tls=pki.origin)
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def mtls_origin(pki):
+    """A TLS origin that demands a client certificate signed by the test CA."""
+    o = PyOrigin(tls=pki.origin, client_ca=pki.ca_file)
     yield o
     o.stop()
 

@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -369,15 +370,61 @@ def upgrade_over_tls(relay, pki, path: str = "/"):
                        server_hostname="127.0.0.1")
 
 
-@pytest.mark.parametrize("case", ["untrusted-ca", "wrong-server-name", "origin-not-tls"])
+class PlaintextHttpOrigin:
+    """A TCP server that answers anything with a plaintext `HTTP/1.1 400` and closes, as a
+    plain HTTP server does when it is sent a ClientHello."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.served = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                except OSError:
+                    pass
+                self.served += 1
+
+    def events(self, _kind: str) -> list:
+        return []  # never upgrades anything
+
+    def stop(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def plaintext_http_origin():
+    o = PlaintextHttpOrigin()
+    yield o
+    o.stop()
+
+
+@pytest.mark.parametrize(
+    "case", ["untrusted-ca", "wrong-server-name", "origin-answers-plaintext", "origin-closes"]
+)
 def test_origin_tls_failure_gets_502(pki, tls_origin, rogue_tls_origin, py_origin,
-                                     start_relay, case):
+                                     plaintext_http_origin, start_relay, case):
     """The client's own TLS handshake with relay succeeds; the upgrade is answered 502
     because relay could not make a verified TLS connection to the origin."""
     origin, name = {
         "untrusted-ca": (rogue_tls_origin, "origin.test"),
         "wrong-server-name": (tls_origin, "not-the-origin.test"),
-        "origin-not-tls": (py_origin, "origin.test"),
+        "origin-answers-plaintext": (plaintext_http_origin, "origin.test"),
+        # origin_server.py (plaintext) closes without a word on a ClientHello
+        "origin-closes": (py_origin, "origin.test"),
     }[case]
     pool = tls_pool(origin.addr, pki.ca_file, server_name=name)
     relay = start_relay(config=relay_config(listener_tls([pki.server]), pool=pool))
@@ -386,9 +433,52 @@ def test_origin_tls_failure_gets_502(pki, tls_origin, rogue_tls_origin, py_origi
     assert ans.reason == "Bad Gateway"
     assert ans.body.decode().startswith("502 Bad Gateway: "), ans.body
     assert relay.metric_sum("relay_requests_refused_total", status="502") == 1
+    if case == "origin-closes":
+        # No TLS error to report: the origin hung up (relay says so).
+        assert "origin closed the connection" in ans.body.decode(), ans.body
+    else:
+        assert "TLS handshake with the origin failed" in ans.body.decode(), ans.body
+        wait_until(lambda: relay.metric_sum("relay_origin_tls_failures_total") == 1, 5,
+                   what="relay_origin_tls_failures_total == 1")
     # Nothing was upgraded at the origin.
     assert origin.events("open") == []
     wait_counters(relay, {("full", ""): 1})
+
+
+@pytest.mark.parametrize("with_client_cert", [True, False], ids=["client-cert", "none"])
+def test_mtls_to_origin(pki, mtls_origin, start_relay, with_client_cert):
+    """An origin that demands a client certificate: relay presents tls_client_cert (echo
+    works), or has none (the origin refuses the handshake: 502)."""
+    pool = tls_pool(mtls_origin.addr, pki.ca_file)
+    if with_client_cert:
+        client = pki.issue("relay-client", "relay-client.test")
+        pool += f"\ntls_client_cert = {toml_str(client.cert)}"
+        pool += f"\ntls_client_key = {toml_str(client.key)}"
+    relay = start_relay(config=relay_config(listener_tls([pki.server]), pool=pool))
+    if with_client_cert:
+        ws = RawWs.connect(relay.addr, "/mtls", tls=ctx_for(pki))
+        try:
+            ws_echo(ws, os.urandom(100 * KB), OP_BINARY)
+            ws_close(ws)
+        finally:
+            ws.close()
+        assert [o["path"] for o in mtls_origin.events("open")] == ["/mtls"]
+    else:
+        ans = upgrade_over_tls(relay, pki, "/mtls")
+        assert ans.status == 502, ans
+        assert mtls_origin.events("open") == []
+
+
+def test_origin_sees_x_forwarded_proto_https(pki, tls_relay):
+    """The origin's /headers path sends back the request headers it got."""
+    ws = RawWs.connect(tls_relay.addr, "/headers", tls=ctx_for(pki))
+    try:
+        op, data = ws.recv_message()
+        headers = {k.lower(): v for k, v in json.loads(data)}
+        assert headers.get("x-forwarded-proto") == "https", headers
+        ws_close(ws)
+    finally:
+        ws.close()
 
 
 # =========================================================================== 3. SNI
@@ -639,6 +729,11 @@ def handshake_error(addr, ctx, server_hostname="127.0.0.1") -> ssl.SSLError:
     return ei.value
 
 
+def alert_text(e: ssl.SSLError) -> str:
+    """What OpenSSL says about the alert it got, e.g. "TLSV1 ALERT PROTOCOL VERSION"."""
+    return f"{e.reason or ''} {e}".upper().replace("_", " ")
+
+
 def test_tls11_only_client_fails_handshake(short_relay):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -646,7 +741,7 @@ def test_tls11_only_client_fails_handshake(short_relay):
     ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let OpenSSL 3 offer TLS 1.1 at all
     e = handshake_error(short_relay.addr, ctx)
     # The alert relay sent, as OpenSSL reports it (e.g. TLSV1_ALERT_PROTOCOL_VERSION).
-    assert "ALERT" in (e.reason or ""), e
+    assert "ALERT" in alert_text(e), e
     wait_counters(short_relay, {("", "protocol"): 1, ("full", ""): 0})
 
 
@@ -654,14 +749,23 @@ def test_no_common_cipher_fails_handshake(pki, short_relay):
     ctx = ctx_for(pki, ssl.TLSVersion.TLSv1_2)
     ctx.set_ciphers("AES128-SHA:AES256-SHA")  # CBC, RSA key exchange: nothing relay offers
     e = handshake_error(short_relay.addr, ctx)
-    assert "ALERT" in (e.reason or ""), e
+    assert "ALERT" in alert_text(e), e
+    wait_counters(short_relay, {("", "protocol"): 1, ("full", ""): 0})
+
+
+def test_h2_only_alpn_client_refused(pki, short_relay):
+    """relay speaks http/1.1 only: a client offering only h2 gets no_application_protocol."""
+    ctx = ctx_for(pki)
+    ctx.set_alpn_protocols(["h2"])
+    e = handshake_error(short_relay.addr, ctx)
+    assert "NO APPLICATION PROTOCOL" in alert_text(e), e
     wait_counters(short_relay, {("", "protocol"): 1, ("full", ""): 0})
 
 
 def test_min_version_13_refuses_tls12_client(pki, start_relay):
     relay = start_relay(config=relay_config(listener_tls([pki.server], min_version="1.3")))
     e = handshake_error(relay.addr, ctx_for(pki, ssl.TLSVersion.TLSv1_2))
-    assert "ALERT" in (e.reason or ""), e
+    assert "ALERT" in alert_text(e), e
     ws = RawWs.connect(relay.addr, "/echo", tls=ctx_for(pki, ssl.TLSVersion.TLSv1_3))
     try:
         assert ws.sock.version() == "TLSv1.3"
@@ -765,6 +869,27 @@ def test_startup_error_names_the_key(pki, relay_bin, tmp_path, case):
         admin.release()
     assert p.proc.returncode != 0, p.log()
     assert key_name in "\n".join(p.err), f"{key_name!r} not in the message\n{p.log()}"
+
+
+@pytest.mark.parametrize("case", ["key-does-not-match-cert", "cert-expired", "good"])
+def test_check_config_loads_the_files(pki, relay_bin, tmp_path, case):
+    """`relay check-config` reads the certificate files too (a deploy catches them)."""
+    if case == "good":
+        pair, key_name = pki.issue("other", "other.test"), None
+    else:
+        pair, key_name = bad_setups(pki, tmp_path)[case]
+    cfg = relay_config(listener_tls([pki.server, pair]))
+    cfg = cfg.replace("{LISTEN}", "127.0.0.1:18443").replace("{ADMIN}", "127.0.0.1:19090")
+    cfg = cfg.replace("{ORIGIN}", "127.0.0.1:9")
+    f = tmp_path / "check.toml"
+    f.write_text(cfg)
+    r = subprocess.run([str(relay_bin), "check-config", str(f)], capture_output=True,
+                       text=True, timeout=10)
+    if key_name is None:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode != 0, r.stdout
+        assert key_name in r.stderr, r.stderr
 
 
 def test_startup_control_good_second_certificate_starts(pki, start_relay):
