@@ -401,8 +401,13 @@ class PlaintextHttpOrigin:
         return []  # never upgrades anything
 
     def stop(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+        except OSError:
+            pass
         self.sock.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -415,17 +420,19 @@ def plaintext_http_origin():
 @pytest.mark.parametrize(
     "case", ["untrusted-ca", "wrong-server-name", "origin-answers-plaintext", "origin-closes"]
 )
-def test_origin_tls_failure_gets_502(pki, tls_origin, rogue_tls_origin, py_origin,
-                                     plaintext_http_origin, start_relay, case):
+def test_origin_tls_failure_gets_502(pki, request, case):
     """The client's own TLS handshake with relay succeeds; the upgrade is answered 502
     because relay could not make a verified TLS connection to the origin."""
-    origin, name = {
-        "untrusted-ca": (rogue_tls_origin, "origin.test"),
-        "wrong-server-name": (tls_origin, "not-the-origin.test"),
-        "origin-answers-plaintext": (plaintext_http_origin, "origin.test"),
+    fixture, name = {
+        "untrusted-ca": ("rogue_tls_origin", "origin.test"),
+        "wrong-server-name": ("tls_origin", "not-the-origin.test"),
+        "origin-answers-plaintext": ("plaintext_http_origin", "origin.test"),
         # origin_server.py (plaintext) closes without a word on a ClientHello
-        "origin-closes": (py_origin, "origin.test"),
+        "origin-closes": ("py_origin", "origin.test"),
     }[case]
+    # The origin first, so that teardown stops relay before it (see conftest).
+    origin = request.getfixturevalue(fixture)
+    start_relay = request.getfixturevalue("start_relay")
     pool = tls_pool(origin.addr, pki.ca_file, server_name=name)
     relay = start_relay(config=relay_config(listener_tls([pki.server]), pool=pool))
     ans = upgrade_over_tls(relay, pki, "/bad-origin")
