@@ -201,7 +201,12 @@ class Relay(ManagedProcess):
         # The same listener when it is a TLS one: wss:// and https://.
         self.wss_url = f"wss://127.0.0.1:{listen.port}"
         self.admin = f"http://127.0.0.1:{admin.port}"
-        self.wait_line("err", lambda l: "relay ready" in l, START_TIMEOUT, "'relay ready'")
+        try:
+            self.wait_line("err", lambda l: "relay ready" in l, START_TIMEOUT, "'relay ready'")
+        except BaseException:
+            # Not ready in time (or exited): stop it by PID so it does not outlive the test.
+            ManagedProcess.stop(self)
+            raise
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         try:
