@@ -555,3 +555,65 @@ fn origin_demanding_a_client_certificate_is_served_with_mtls() {
         r.metric_sum("relay_origin_tls_failures_total", &[]) == 1.0
     });
 }
+
+/// Sends `request` over TLS (SNI a.test) and returns everything relay answered until it
+/// closed, and whether the close was a clean close_notify.
+async fn tls_exchange(addr: SocketAddr, cfg: &Arc<ClientConfig>, request: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    // An unexpected EOF (no close_notify) is an error for tokio-rustls.
+    let clean = tls.read_to_end(&mut got).await.is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), clean)
+}
+
+#[test]
+fn relay_answers_and_origin_answers_reach_tls_clients_encrypted() {
+    let pki = write_pki("answers");
+    let origin = raw_origin(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 12\r\nContent-Type: text/plain\r\n\r\nnot for you!",
+    );
+    let extra = format!(
+        "[[pool]]\nname = \"p\"\norigins = [\"{origin}\"]\n\
+         [[route]]\npath = \"/echo\"\napp = \"echo\"\n\
+         [[route]]\npath = \"/origin\"\npool = \"p\"\n\
+         [[route]]\npath = \"/\"\napp = \"demo\"\n"
+    );
+    let relay = Relay::with_config(&tls_listener_config(&pki, &extra), &[]);
+    let cfg = pki.client(&[&rustls::version::TLS13]);
+    rt().block_on(async {
+        // The origin's own refusal, body and all, then close_notify.
+        let (answer, clean) = tls_exchange(
+            relay.addr,
+            &cfg,
+            upgrade_request("a.test", "/origin").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nnot for you!"), "{answer}");
+        assert!(clean, "closed with close_notify");
+        // relay's own error status over TLS.
+        let (answer, clean) = tls_exchange(
+            relay.addr,
+            &cfg,
+            b"POST /echo HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status_of(&answer), 405, "{answer}");
+        assert!(clean);
+        // The demo page over https.
+        let (answer, clean) =
+            tls_exchange(relay.addr, &cfg, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+        assert_eq!(status_of(&answer), 200, "{answer}");
+        assert!(answer.contains("<html"), "{answer}");
+        assert!(clean);
+    });
+    relay.wait_for("connections closed", Duration::from_secs(10), |r| {
+        r.active() == 0.0
+    });
+}
