@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from conftest import ManagedProcess, Relay
 from helpers import (
@@ -366,7 +367,7 @@ def test_tls_origin_verified_against_its_ip_by_default(pki, tls_origin, start_re
 
 def upgrade_over_tls(relay, pki, path: str = "/"):
     req, _ = upgrade_request(f"127.0.0.1:{relay.port}", path)
-    return raw_request(relay.addr, req, timeout=15, tls=ctx_for(pki),
+    return raw_request(relay.addr, req, timeout=10, tls=ctx_for(pki),
                        server_hostname="127.0.0.1")
 
 
@@ -486,6 +487,61 @@ def test_origin_sees_x_forwarded_proto_https(pki, tls_relay):
         ws_close(ws)
     finally:
         ws.close()
+
+
+def relay_to(request, pki, origin_tls: bool):
+    """A TLS-listener relay in front of the Python origin, plain or over TLS."""
+    origin = request.getfixturevalue("tls_origin" if origin_tls else "py_origin")
+    start_relay = request.getfixturevalue("start_relay")
+    pool = tls_pool(origin.addr, pki.ca_file) if origin_tls else None
+    relay = start_relay(origin=origin.addr,
+                        config=relay_config(listener_tls([pki.server]), pool=pool))
+    relay.origin = origin
+    return relay
+
+
+@pytest.mark.parametrize("origin_tls", [False, True], ids=["plain-origin", "tls-origin"])
+def test_close_codes_cross_tls_both_ways(pki, request, origin_tls):
+    relay = relay_to(request, pki, origin_tls)
+    ctx = ctx_for(pki)
+
+    async def go():
+        async with wss_client(relay.wss_url + "/chat", ctx,
+                              additional_headers={"X-Test-Id": "c1"}) as ws:
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+            await ws.close(4002, "client says bye")
+            # The origin's answering close frame came back through relay.
+            assert ws.close_code == 4002
+            assert ws.close_reason == "client says bye"
+        async with wss_client(relay.wss_url + "/close?code=4001&reason=origin%20going%20away",
+                              ctx) as ws:
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 4001
+            assert ws.close_reason == "origin going away"
+
+    arun(go(), 15)
+    ev = relay.origin.wait_event(lambda e: e["event"] == "closed" and e["tag"] == "c1")
+    assert (ev["code"], ev["reason"]) == (4002, "client says bye")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("origin_tls", [False, True], ids=["plain-origin", "tls-origin"])
+def test_16mib_message_over_tls_intact(pki, request, origin_tls):
+    """A message far larger than relay's 64 KiB per-direction pending buffer: decrypt,
+    backpressure and re-encrypt keep every byte in order."""
+    relay = relay_to(request, pki, origin_tls)
+    payload = os.urandom(16 * MiB)
+
+    async def go():
+        async with wss_client(relay.wss_url + "/big", ctx_for(pki), max_size=17 * MiB) as ws:
+            await ws.send(payload)
+            got = await ws.recv()
+            assert len(got) == len(payload)
+            assert got == payload
+
+    arun(go(), 40)
 
 
 # =========================================================================== 3. SNI
