@@ -37,9 +37,12 @@ from helpers import (
     OP_BINARY,
     PortReservation,
     RawWs,
+    accept_for,
     arun,
     client_hello,
     close_payload,
+    encode_frame,
+    parse_head,
     read_answer,
     read_until_closed,
     raw_request,
@@ -310,6 +313,127 @@ def test_echo_app_over_tls_with_many_clients(pki, tls_relay):
 
     arun(go(), 30)
     wait_counters(tls_relay, {("full", ""): 20})
+
+
+class PiecewiseTls:
+    """A TLS client (OpenSSL through ssl.SSLObject over memory BIOs) that writes its
+    ciphertext to the socket in pieces of `piece` bytes, one send each (TCP_NODELAY): relay's
+    receives then end inside records, record headers and handshake messages."""
+
+    def __init__(self, addr, ctx: ssl.SSLContext, piece: int) -> None:
+        self.sock = socket.create_connection(addr, timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="127.0.0.1")
+        self.piece = piece
+        self.sends = 0
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        for i in range(0, len(data), self.piece):
+            self.sock.sendall(data[i : i + self.piece])
+            self.sends += 1
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("relay closed the connection")
+        self.incoming.write(chunk)
+
+    def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                self._flush()
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._fill()
+
+    def send(self, data: bytes) -> None:
+        self.obj.write(data)
+        self._flush()
+
+    def recv_exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            try:
+                out += self.obj.read(n - len(out))
+            except ssl.SSLWantReadError:
+                self._flush()  # e.g. a TLS 1.3 KeyUpdate answer
+                self._fill()
+        return bytes(out)
+
+    def recv_head(self) -> bytes:
+        buf = bytearray()
+        while not buf.endswith(b"\r\n\r\n"):
+            buf += self.recv_exact(1)
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1000])
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3],
+                         ids=["tls1.2", "tls1.3"])
+def test_ciphertext_in_small_pieces(pki, short_relay, version, piece):
+    """ClientHello, Finished and application records arrive a few bytes per receive; relay
+    reassembles them: the handshake completes and a 40 KB message (three records) and a
+    small one echo intact. (Within timeouts.handshake: 1 s.)"""
+    c = PiecewiseTls(short_relay.addr, ctx_for(pki, version), piece)
+    try:
+        c.handshake()
+        req, key = upgrade_request(f"127.0.0.1:{short_relay.port}", "/echo")
+        c.send(req)
+        status, _, headers = parse_head(c.recv_head())
+        assert status == 101
+        assert dict((k.lower(), v) for k, v in headers)["sec-websocket-accept"] == accept_for(key)
+        for payload in [os.urandom(40 * KB), b"tiny"]:
+            c.send(encode_frame(OP_BINARY, payload, mask=True))
+            head = c.recv_exact(2)
+            n = head[1] & 0x7F
+            if n == 126:
+                n = int.from_bytes(c.recv_exact(2), "big")
+            elif n == 127:
+                n = int.from_bytes(c.recv_exact(8), "big")
+            assert head[0] == 0x80 | OP_BINARY
+            assert c.recv_exact(n) == payload
+        c.send(encode_frame(OP_CLOSE, close_payload(1000), mask=True))
+        assert c.recv_exact(2)[0] == 0x80 | OP_CLOSE
+    finally:
+        c.close()
+    if piece < 1000:
+        assert c.sends > 100  # it really was cut up
+    wait_counters(short_relay, {("full", ""): 1, ("", "timeout"): 0, ("", "protocol"): 0})
+
+
+def test_200_clients_handshake_at_once(pki, start_relay):
+    """200 wss clients connect concurrently (handshakes interleaved on both workers), all
+    stay open together, then each echoes its own message."""
+    relay = start_relay(config=relay_config(listener_tls([pki.server])))
+    ctx = ctx_for(pki)
+    n = 200
+
+    async def go():
+        all_open = asyncio.Event()
+        opened = 0
+
+        async def one(i: int):
+            nonlocal opened
+            async with wss_client(relay.wss_url + "/echo", ctx, open_timeout=20) as ws:
+                opened += 1
+                if opened == n:
+                    all_open.set()
+                await all_open.wait()
+                await ws.send(f"client {i}")
+                assert await ws.recv() == f"client {i}"
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+    arun(go(), 40)
+    wait_counters(relay, {("full", ""): n, ("", "timeout"): 0, ("", "protocol"): 0,
+                          ("", "closed"): 0})
 
 
 # =========================================================================== 2. TLS origins
