@@ -15,3 +15,4 @@ pub mod control;
 pub mod proto;
 pub mod reactor;
 pub mod session;
+pub mod tls;

@@ -20,15 +20,30 @@ struct Cli {
     command: Option<Command>,
 
     /// Configuration file (TOML). See relay.toml in the repository for every key.
-    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "origin"])]
+    #[arg(short, long, value_name = "FILE", conflicts_with_all = ["listen", "listen_tls", "origin"])]
     config: Option<PathBuf>,
 
-    /// Quick mode: address to accept WebSocket upgrades on (repeatable).
-    #[arg(long, value_name = "ADDR", requires = "origin")]
+    /// Quick mode: address to accept WebSocket upgrades on (repeatable). Without --origin,
+    /// relay serves the embedded default's edge apps (/echo, /rooms/{name}, the demo page).
+    #[arg(long, value_name = "ADDR")]
     listen: Vec<String>,
 
-    /// Quick mode: origin to relay every upgrade to (repeatable: one pool, round-robin).
-    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
+    /// Quick mode: address to accept TLS (wss://, https://) on (repeatable); needs --cert
+    /// and --key.
+    #[arg(long, value_name = "ADDR", requires_all = ["cert", "key"])]
+    listen_tls: Vec<String>,
+
+    /// Quick mode: PEM certificate chain (leaf first) for --listen-tls.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    cert: Option<String>,
+
+    /// Quick mode: PEM private key for --listen-tls.
+    #[arg(long, value_name = "FILE", requires = "listen_tls")]
+    key: Option<String>,
+
+    /// Quick mode: origin to relay every upgrade to (repeatable: one pool, round-robin);
+    /// IP:PORT, or wss://HOST:PORT for a TLS origin.
+    #[arg(long, value_name = "HOST:PORT")]
     origin: Vec<String>,
 
     /// Admin listener (metrics, health) address, or "off"; overrides the config.
@@ -85,8 +100,17 @@ fn load(cli: &Cli) -> Result<Config, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
-    } else if !cli.listen.is_empty() {
-        Config::quick(&cli.listen, &cli.origin, cli.admin.as_deref()).map_err(|e| e.to_string())?
+    } else if !cli.listen.is_empty() || !cli.listen_tls.is_empty() {
+        let q = relay::config::Quick {
+            listen: &cli.listen,
+            listen_tls: &cli.listen_tls,
+            cert_key: cli.cert.as_deref().zip(cli.key.as_deref()),
+            origins: &cli.origin,
+            admin: cli.admin.as_deref(),
+        };
+        Config::quick(&q).map_err(|e| e.to_string())?
+    } else if !cli.origin.is_empty() {
+        return Err("--origin needs --listen ADDR or --listen-tls ADDR".into());
     } else {
         Config::embedded()
     };
@@ -178,7 +202,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        return match Config::from_toml(&text) {
+        let checked = Config::from_toml(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|c| relay::control::load_tls(&c).map(|_| c));
+        return match checked {
             Ok(c) => {
                 println!(
                     "# {}: valid; resolved configuration follows",

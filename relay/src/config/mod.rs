@@ -8,7 +8,8 @@
 mod raw;
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -69,6 +70,39 @@ pub enum Balance {
 pub struct Listener {
     pub address: SocketAddr,
     pub backlog: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+/// Lowest TLS version a listener accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// `[listener.tls]`: certificates (files are read when relay starts and on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerTls {
+    #[serde(rename = "certificate")]
+    pub certificates: Vec<crate::tls::certs::CertSpec>,
+    pub min_version: TlsVersion,
+    /// Server-side session cache entries per worker (0 = none).
+    pub session_cache: usize,
+    pub tickets: bool,
+}
+
+/// A pool's TLS toward its origins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolTls {
+    /// CA certificates to verify origins with; `None` = the system roots.
+    pub ca: Option<PathBuf>,
+    /// Name sent as SNI and verified; `None` = the origin's host.
+    pub server_name: Option<String>,
+    /// Client certificate chain and key (mTLS to the origin).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -80,6 +114,11 @@ pub struct Pool {
     /// How long an origin that refused a connection is skipped (passive health).
     #[serde(serialize_with = "ser_duration")]
     pub down_time: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<PoolTls>,
+    /// The host the origins were named by (`wss://name:port`), for SNI and verification.
+    #[serde(skip)]
+    pub host: Option<String>,
 }
 
 /// Which hosts a route matches.
@@ -315,6 +354,111 @@ fn parse_addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Quick-mode command-line settings (see [`Config::quick`]).
+#[derive(Debug, Default)]
+pub struct Quick<'a> {
+    pub listen: &'a [String],
+    pub listen_tls: &'a [String],
+    /// Certificate chain and key files for the TLS listeners.
+    pub cert_key: Option<(&'a str, &'a str)>,
+    pub origins: &'a [String],
+    pub admin: Option<&'a str>,
+}
+
+/// An origin: `IP:PORT`, `ws://HOST:PORT` or `wss://HOST:PORT` (a host name is resolved
+/// once, at start-up). Returns the address, whether it is TLS, and the host name if one was
+/// given.
+fn parse_origin(key: &str, v: &str) -> Result<(SocketAddr, bool, Option<String>), ConfigError> {
+    let (secure, rest) = if let Some(r) = v.strip_prefix("wss://") {
+        (true, r)
+    } else if let Some(r) = v.strip_prefix("ws://") {
+        (false, r)
+    } else {
+        return Ok((parse_addr(key, v)?, false, None));
+    };
+    let rest = rest.trim_end_matches('/');
+    if let Ok(a) = rest.parse::<SocketAddr>() {
+        return Ok((a, secure, None));
+    }
+    let Some((host, port)) = rest.rsplit_once(':') else {
+        return Err(ConfigError::new(
+            key,
+            format!("{v:?} needs a port, e.g. \"wss://origin.example:443\""),
+        ));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ConfigError::new(key, format!("{port:?} is not a port number")))?;
+    let addr = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ConfigError::new(key, format!("cannot resolve host {host:?}")))?;
+    Ok((addr, secure, Some(host.to_ascii_lowercase())))
+}
+
+/// Validates `[listener.tls]` (file contents are checked when relay starts).
+fn listener_tls(key: &str, t: &raw::RawListenerTls) -> Result<ListenerTls, ConfigError> {
+    if t.certificates.is_empty() {
+        return Err(ConfigError::new(
+            format!("{key}.certificate"),
+            "a TLS listener needs at least one [[listener.tls.certificate]] with cert and key",
+        ));
+    }
+    let mut certificates = Vec::new();
+    for (j, c) in t.certificates.iter().enumerate() {
+        let k = |f: &str| format!("{key}.certificate[{j}].{f}");
+        if c.cert.is_empty() {
+            return Err(ConfigError::new(
+                k("cert"),
+                "missing: the PEM certificate chain file",
+            ));
+        }
+        if c.key.is_empty() {
+            return Err(ConfigError::new(
+                k("key"),
+                "missing: the PEM private key file",
+            ));
+        }
+        for n in &c.names {
+            let bare = n.strip_prefix("*.").unwrap_or(n);
+            if bare.is_empty() || bare.contains('*') || bare.contains(' ') {
+                return Err(ConfigError::new(
+                    k("names"),
+                    format!("{n:?} is not a host name or a \"*.example.com\" wildcard"),
+                ));
+            }
+        }
+        certificates.push(crate::tls::certs::CertSpec {
+            cert: PathBuf::from(&c.cert),
+            key: PathBuf::from(&c.key),
+            names: c.names.clone(),
+        });
+    }
+    let min_version = match t.min_version.as_str() {
+        "1.2" => TlsVersion::V1_2,
+        "1.3" => TlsVersion::V1_3,
+        other => {
+            return Err(ConfigError::new(
+                format!("{key}.min_version"),
+                format!("{other:?} is not \"1.2\" or \"1.3\""),
+            ))
+        }
+    };
+    if t.session_cache > 1 << 24 {
+        return Err(ConfigError::new(
+            format!("{key}.session_cache"),
+            format!("{} is more than 16777216 entries", t.session_cache),
+        ));
+    }
+    Ok(ListenerTls {
+        certificates,
+        min_version,
+        session_cache: t.session_cache as usize,
+        tickets: t.tickets,
+    })
+}
+
 impl Config {
     /// Parses and validates TOML text.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
@@ -328,30 +472,52 @@ impl Config {
         Config::from_toml(EMBEDDED_DEFAULT).expect("embedded default config is valid")
     }
 
-    /// Quick mode: one listener, every upgrade to one pool.
-    pub fn quick(
-        listen: &[String],
-        origins: &[String],
-        admin: Option<&str>,
-    ) -> Result<Config, ConfigError> {
-        let mut raw = RawConfig::default();
-        raw.listeners = listen
+    /// Quick mode: plaintext and TLS listeners relaying every upgrade to one pool, or (no
+    /// origins) serving the embedded default's edge apps.
+    pub fn quick(q: &Quick<'_>) -> Result<Config, ConfigError> {
+        let mut raw = if q.origins.is_empty() {
+            toml::from_str::<RawConfig>(EMBEDDED_DEFAULT).expect("embedded default parses")
+        } else {
+            let mut raw = RawConfig::default();
+            raw.pools = vec![raw::RawPool {
+                name: "origin".into(),
+                origins: q.origins.to_vec(),
+                ..Default::default()
+            }];
+            raw.routes = vec![raw::RawRoute {
+                pool: "origin".into(),
+                ..Default::default()
+            }];
+            raw
+        };
+        raw.listeners = q
+            .listen
             .iter()
             .map(|a| raw::RawListener {
                 address: a.clone(),
                 ..Default::default()
             })
             .collect();
-        raw.pools = vec![raw::RawPool {
-            name: "origin".into(),
-            origins: origins.to_vec(),
-            ..Default::default()
-        }];
-        raw.routes = vec![raw::RawRoute {
-            pool: "origin".into(),
-            ..Default::default()
-        }];
-        if let Some(a) = admin {
+        if !q.listen_tls.is_empty() {
+            let (cert, key) = q.cert_key.ok_or_else(|| {
+                ConfigError::new("--listen-tls", "needs --cert FILE and --key FILE")
+            })?;
+            for a in q.listen_tls {
+                raw.listeners.push(raw::RawListener {
+                    address: a.clone(),
+                    tls: Some(raw::RawListenerTls {
+                        certificates: vec![raw::RawCertificate {
+                            cert: cert.to_string(),
+                            key: key.to_string(),
+                            names: Vec::new(),
+                        }],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+        }
+        if let Some(a) = q.admin {
             raw.admin.address = a.to_string();
         }
         Config::from_raw(raw)
@@ -411,9 +577,14 @@ impl Config {
                     format!("{} is outside 1..=1048576", l.backlog),
                 ));
             }
+            let tls = match &l.tls {
+                None => None,
+                Some(t) => Some(listener_tls(&format!("listener[{i}].tls"), t)?),
+            };
             listeners.push(Listener {
                 address,
                 backlog: l.backlog,
+                tls,
             });
         }
         let admin = match raw.admin.address.as_str() {
@@ -576,9 +747,66 @@ impl Config {
                 ));
             }
             let mut origins = Vec::new();
+            let mut tls = p.tls;
+            let mut host = None;
+            let mut first_secure = false;
             for (j, o) in p.origins.iter().enumerate() {
-                origins.push(parse_addr(&format!("pool[{i}].origins[{j}]"), o)?);
+                let key = format!("pool[{i}].origins[{j}]");
+                let (addr, secure, name) = parse_origin(&key, o)?;
+                if j == 0 {
+                    first_secure = secure;
+                } else if secure != first_secure {
+                    return Err(ConfigError::new(
+                        key,
+                        "a pool's origins must be all wss:// or all plain (tls = true makes plain \
+                         addresses TLS)",
+                    ));
+                }
+                tls |= secure;
+                if host.is_none() {
+                    host = name;
+                }
+                origins.push(addr);
             }
+            let tls = if tls {
+                let opt = |v: &str| (!v.is_empty()).then(|| v.to_string());
+                let client_cert = match (opt(&p.tls_client_cert), opt(&p.tls_client_key)) {
+                    (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+                    (None, None) => None,
+                    (Some(_), None) => {
+                        return Err(ConfigError::new(
+                            k("tls_client_key"),
+                            "tls_client_cert needs tls_client_key",
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(ConfigError::new(
+                            k("tls_client_cert"),
+                            "tls_client_key needs tls_client_cert",
+                        ))
+                    }
+                };
+                Some(PoolTls {
+                    ca: opt(&p.tls_ca).map(PathBuf::from),
+                    server_name: opt(&p.tls_server_name),
+                    client_cert,
+                })
+            } else {
+                for (f, v) in [
+                    ("tls_ca", &p.tls_ca),
+                    ("tls_server_name", &p.tls_server_name),
+                    ("tls_client_cert", &p.tls_client_cert),
+                    ("tls_client_key", &p.tls_client_key),
+                ] {
+                    if !v.is_empty() {
+                        return Err(ConfigError::new(
+                            k(f),
+                            "only applies to a TLS pool (set tls = true or use wss:// origins)",
+                        ));
+                    }
+                }
+                None
+            };
             let balance = match p.balance.as_str() {
                 "round-robin" => Balance::RoundRobin,
                 "least-connections" => Balance::LeastConnections,
@@ -613,6 +841,8 @@ impl Config {
                 balance,
                 source_addresses,
                 down_time: parse_duration(&k("down_time"), &p.down_time)?,
+                tls,
+                host,
             });
         }
 

@@ -67,6 +67,7 @@ impl Default for RawWorkers {
 pub struct RawListener {
     pub address: String,
     pub backlog: u32,
+    pub tls: Option<RawListenerTls>,
 }
 
 impl Default for RawListener {
@@ -74,8 +75,38 @@ impl Default for RawListener {
         RawListener {
             address: String::new(),
             backlog: 4096,
+            tls: None,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawListenerTls {
+    #[serde(rename = "certificate")]
+    pub certificates: Vec<RawCertificate>,
+    pub min_version: String,
+    pub session_cache: u64,
+    pub tickets: bool,
+}
+
+impl Default for RawListenerTls {
+    fn default() -> Self {
+        RawListenerTls {
+            certificates: Vec::new(),
+            min_version: "1.2".into(),
+            session_cache: 1024,
+            tickets: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCertificate {
+    pub cert: String,
+    pub key: String,
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +227,11 @@ pub struct RawPool {
     pub balance: String,
     pub source_addresses: Vec<String>,
     pub down_time: String,
+    pub tls: bool,
+    pub tls_ca: String,
+    pub tls_server_name: String,
+    pub tls_client_cert: String,
+    pub tls_client_key: String,
 }
 
 impl Default for RawPool {
@@ -206,6 +242,11 @@ impl Default for RawPool {
             balance: "round-robin".into(),
             source_addresses: Vec::new(),
             down_time: "2s".into(),
+            tls: false,
+            tls_ca: String::new(),
+            tls_server_name: String::new(),
+            tls_client_cert: String::new(),
+            tls_client_key: String::new(),
         }
     }
 }

@@ -131,11 +131,85 @@ fn embedded_default_is_valid() {
 
 #[test]
 fn quick_mode() {
-    let c = Config::quick(&["127.0.0.1:8080".into()], &["127.0.0.1:9000".into()], None).unwrap();
+    let listen = ["127.0.0.1:8080".to_string()];
+    let origins = ["127.0.0.1:9000".to_string()];
+    let c = Config::quick(&Quick {
+        listen: &listen,
+        origins: &origins,
+        ..Default::default()
+    })
+    .unwrap();
     assert_eq!(c.pools[0].origins.len(), 1);
     assert_eq!(c.route("any", "/x"), Some(0));
-    let e = Config::quick(&["127.0.0.1:8080".into()], &["nowhere".into()], None).unwrap_err();
+    let bad = ["nowhere".to_string()];
+    let e = Config::quick(&Quick {
+        listen: &listen,
+        origins: &bad,
+        ..Default::default()
+    })
+    .unwrap_err();
     assert!(e.to_string().starts_with("pool[0].origins[0]:"), "{e}");
+    // No origin: the embedded apps, on the given listeners (TLS ones too).
+    let tls = ["127.0.0.1:8443".to_string()];
+    let c = Config::quick(&Quick {
+        listen: &listen,
+        listen_tls: &tls,
+        cert_key: Some(("c.pem", "k.pem")),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(c.pools.is_empty());
+    assert_eq!(c.listeners.len(), 2);
+    assert!(c.listeners[0].tls.is_none());
+    let t = c.listeners[1].tls.as_ref().unwrap();
+    assert_eq!(t.certificates[0].cert, std::path::PathBuf::from("c.pem"));
+    assert!(t.tickets && t.session_cache > 0);
+    assert_eq!(c.routes, Config::embedded().routes);
+}
+
+#[test]
+fn tls_keys_are_validated() {
+    let base = "[[listener]]\naddress = \"127.0.0.1:8443\"\n";
+    let routes =
+        "[[pool]]\nname = \"p\"\norigins = [\"127.0.0.1:9000\"]\n[[route]]\npool = \"p\"\n";
+    let e = Config::from_toml(&format!("{base}[listener.tls]\n{routes}")).unwrap_err();
+    assert_eq!(e.key, "listener[0].tls.certificate");
+    let e = Config::from_toml(&format!(
+        "{base}[listener.tls]\nmin_version = \"1.1\"\n[[listener.tls.certificate]]\ncert = \"a\"\nkey = \"b\"\n{routes}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "listener[0].tls.min_version");
+    let e = Config::from_toml(&format!(
+        "{base}[[listener.tls.certificate]]\ncert = \"a\"\n{routes}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "listener[0].tls.certificate[0].key");
+    let c = Config::from_toml(&format!(
+        "{base}[[listener.tls.certificate]]\ncert = \"a\"\nkey = \"b\"\nnames = [\"*.x.test\"]\n{routes}"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.listeners[0].tls.as_ref().unwrap().certificates[0].names,
+        ["*.x.test"]
+    );
+    // Pools: wss:// origins imply TLS; TLS-only keys on a plain pool are refused.
+    let c = Config::from_toml(&format!(
+        "{base}[[pool]]\nname = \"s\"\norigins = [\"wss://localhost:9443\"]\ntls_ca = \"ca.pem\"\n[[route]]\npool = \"s\"\n"
+    ))
+    .unwrap();
+    let p = &c.pools[0];
+    assert!(p.tls.is_some());
+    assert_eq!(p.host.as_deref(), Some("localhost"));
+    let e = Config::from_toml(&format!(
+        "{base}[[pool]]\nname = \"s\"\norigins = [\"127.0.0.1:9000\"]\ntls_ca = \"ca.pem\"\n[[route]]\npool = \"s\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "pool[0].tls_ca");
+    let e = Config::from_toml(&format!(
+        "{base}[[pool]]\nname = \"s\"\norigins = [\"wss://127.0.0.1:9443\", \"127.0.0.1:9000\"]\n[[route]]\npool = \"s\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(e.key, "pool[0].origins[1]");
 }
 
 #[test]

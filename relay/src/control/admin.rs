@@ -267,6 +267,13 @@ pub fn total(stats: &[Arc<WorkerStats>]) -> Counters {
         t.origin_connect_failures += c.origin_connect_failures;
         t.accept_errors += c.accept_errors;
         t.enobufs += c.enobufs;
+        t.tls_full += c.tls_full;
+        t.tls_resumed += c.tls_resumed;
+        t.tls_fail_plain_http += c.tls_fail_plain_http;
+        t.tls_fail_timeout += c.tls_fail_timeout;
+        t.tls_fail_protocol += c.tls_fail_protocol;
+        t.tls_fail_closed += c.tls_fail_closed;
+        t.origin_tls_failures += c.origin_tls_failures;
         for i in 0..t.refused.len() {
             t.refused[i] += c.refused[i];
         }
@@ -525,6 +532,41 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     }
     metric(
         &mut o,
+        "relay_tls_handshakes_total",
+        "counter",
+        "TLS handshakes with clients completed, full or resumed.",
+    );
+    for (w, c) in snaps.iter().enumerate() {
+        for (kind, n) in [("full", c.tls_full), ("resumed", c.tls_resumed)] {
+            let _ = writeln!(
+                o,
+                "relay_tls_handshakes_total{{worker=\"{w}\",kind=\"{kind}\"}} {n}"
+            );
+        }
+    }
+    metric(
+        &mut o,
+        "relay_tls_handshake_failures_total",
+        "counter",
+        "TLS client connections that ended before the handshake completed, by reason.",
+    );
+    for (w, c) in snaps.iter().enumerate() {
+        for (reason, n) in tls_failures(c) {
+            let _ = writeln!(
+                o,
+                "relay_tls_handshake_failures_total{{worker=\"{w}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    per_worker(
+        &mut o,
+        "relay_origin_tls_failures_total",
+        "counter",
+        "TLS handshakes with origins that failed (verification or protocol).",
+        &|c| c.origin_tls_failures,
+    );
+    metric(
+        &mut o,
         "relay_app_protocol_closes_total",
         "counter",
         "Edge-app clients closed for breaking RFC 6455, by the close code relay sent.",
@@ -694,6 +736,16 @@ fn iowq_workers() -> usize {
         .unwrap_or(0)
 }
 
+/// TLS handshake failures by reason label.
+fn tls_failures(c: &Counters) -> [(&'static str, u64); 4] {
+    [
+        ("plain_http", c.tls_fail_plain_http),
+        ("timeout", c.tls_fail_timeout),
+        ("protocol", c.tls_fail_protocol),
+        ("closed", c.tls_fail_closed),
+    ]
+}
+
 /// `/v1/stats`: totals, per-worker and per-route figures.
 pub fn json(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     let worker = |c: &Counters| {
@@ -708,6 +760,12 @@ pub fn json(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
             "closed": CloseCause::ALL.iter().map(|k| (k.label(), c.closed[k.index()])).collect::<std::collections::BTreeMap<_, _>>(),
             "enobufs": c.enobufs,
             "cq_overflows": c.cq_overflows,
+            "tls": {
+                "handshakes_full": c.tls_full,
+                "handshakes_resumed": c.tls_resumed,
+                "failures": tls_failures(c).into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "origin_failures": c.origin_tls_failures,
+            },
         })
     };
     let workers: Vec<_> = stats.iter().map(|s| worker(&s.snapshot())).collect();

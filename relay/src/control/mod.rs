@@ -21,6 +21,8 @@ use signal_hook::iterator::Signals;
 use crate::config::Config;
 use crate::reactor::sys;
 use crate::session::{run_worker, WorkerHandle, WorkerInit};
+use crate::tls::setup::ListenerTls;
+use crate::tls::ClientTls;
 use stats::WorkerStats;
 
 /// Flags the main thread raises for the workers.
@@ -59,6 +61,70 @@ pub fn connection_budget(cfg: &Config, workers: usize, nofile: u64) -> (usize, O
     }
 }
 
+/// Loads every TLS listener's certificates and every TLS pool's trust settings; errors name
+/// the config key (`listener[0].tls.certificate[1].key: ...`).
+#[allow(clippy::type_complexity)]
+pub fn load_tls(
+    cfg: &Config,
+) -> Result<(Vec<Option<ListenerTls>>, Vec<Option<ClientTls>>), String> {
+    let mut listeners = Vec::new();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        listeners.push(match &l.tls {
+            Some(t) => {
+                let lt = ListenerTls::new(t, &format!("listener[{i}].tls"))?;
+                let set = lt.store.current();
+                tracing::info!(
+                    listener = %l.address,
+                    certificates = t.certificates.len(),
+                    expires = set.not_after,
+                    "TLS listener ready"
+                );
+                Some(lt)
+            }
+            None => None,
+        });
+    }
+    let mut pools = Vec::new();
+    for (i, p) in cfg.pools.iter().enumerate() {
+        pools.push(match &p.tls {
+            Some(t) => {
+                let host = p
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| p.origins[0].ip().to_string());
+                Some(ClientTls::new(t, &host, &format!("pool[{i}]"))?)
+            }
+            None => None,
+        });
+    }
+    Ok((listeners, pools))
+}
+
+/// SIGHUP: re-reads certificate and key files. Handshakes from now on use the new ones;
+/// live connections keep theirs. A listener whose files fail keeps its old certificates.
+fn reload_certificates(listeners: &[Option<ListenerTls>]) {
+    let mut any = false;
+    for (i, l) in listeners.iter().enumerate() {
+        let Some(l) = l else {
+            continue;
+        };
+        any = true;
+        match l.reload() {
+            Ok(()) => tracing::info!(listener = i, "SIGHUP: certificates reloaded"),
+            Err(e) => tracing::error!(
+                listener = i,
+                "SIGHUP: certificates not reloaded, the previous ones stay in use: {e}"
+            ),
+        }
+    }
+    if !any {
+        tracing::info!(
+            "SIGHUP: no TLS listener to reload; other configuration changes need a restart \
+             (a second process can share the ports, see docs/operations.md)"
+        );
+    }
+}
+
 /// Runs relay until it has drained after SIGTERM/SIGINT.
 pub fn run(cfg: Config) -> Result<(), String> {
     sys::ignore_sigpipe();
@@ -78,6 +144,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         "starting relay"
     );
 
+    let (listener_tls, pool_tls) = load_tls(&cfg)?;
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let access_log = match &cfg.access_log {
@@ -110,6 +177,11 @@ pub fn run(cfg: Config) -> Result<(), String> {
             access_log: access_log.as_ref().map(|a| a.sender.clone()),
             hub: hub.clone(),
             inbox: inboxes.next().expect("one inbox per worker"),
+            listener_tls: listener_tls
+                .iter()
+                .map(|l| l.as_ref().map(|l| l.for_worker()).transpose())
+                .collect::<Result<_, _>>()?,
+            pool_tls: pool_tls.clone(),
         };
         let tx = tx.clone();
         let thread = std::thread::Builder::new()
@@ -171,10 +243,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                         tracing::info!("SIGUSR1: reopening the access log");
                     }
                 }
-                SIGHUP => tracing::warn!(
-                    "SIGHUP: live configuration reload is not supported by this build; \
-                     restart relay (with a second process sharing the ports) to change it"
-                ),
+                SIGHUP => reload_certificates(&listener_tls),
                 _ if draining_since.is_some() => {
                     tracing::warn!("second stop signal: closing every connection now");
                     control.stop.store(true, Ordering::Release);

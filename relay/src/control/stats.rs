@@ -141,6 +141,16 @@ pub struct Counters {
     pub room_slow_closed: u64,
     pub pings_sent: u64,
     pub pong_timeouts: u64,
+    /// TLS handshakes with clients completed, full and resumed.
+    pub tls_full: u64,
+    pub tls_resumed: u64,
+    /// TLS connections that ended before the handshake completed, by reason.
+    pub tls_fail_plain_http: u64,
+    pub tls_fail_timeout: u64,
+    pub tls_fail_protocol: u64,
+    pub tls_fail_closed: u64,
+    /// TLS handshakes with origins that failed (verification, protocol).
+    pub origin_tls_failures: u64,
 }
 
 macro_rules! atomic_mirror {
@@ -177,7 +187,9 @@ atomic_mirror!(
     accepted, active, upgraded, bytes_client_to_origin, bytes_origin_to_client, connection_ms,
     origin_connect_failures, accept_errors, enobufs, submitted, completed, cq_overflows,
     bufs_provided, bufs_checked_out, splices, app_messages_in, app_frames_out, ws_close_1002,
-    ws_close_1007, ws_close_1009, room_dropped, room_slow_closed, pings_sent, pong_timeouts;
+    ws_close_1007, ws_close_1009, room_dropped, room_slow_closed, pings_sent, pong_timeouts,
+    tls_full, tls_resumed, tls_fail_plain_http, tls_fail_timeout, tls_fail_protocol,
+    tls_fail_closed, origin_tls_failures;
     refused: Status::ALL.len(), closed: CloseCause::ALL.len()
 );
 

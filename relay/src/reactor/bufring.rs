@@ -205,6 +205,16 @@ impl BufRing {
         unsafe { std::slice::from_raw_parts(self.addr_of(bid), len) }
     }
 
+    /// The first `len` bytes of buffer `bid`, writable (TLS hands records to rustls, which may
+    /// rewrite them in place).
+    pub fn slice_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        assert!(bid < self.provided && len <= self.buf_size as usize);
+        // SAFETY: in bounds (checked above); the buffer is checked out, so the kernel does not
+        // touch it, and `&mut self` keeps any other borrow of the ring's memory from living
+        // alongside this one.
+        unsafe { std::slice::from_raw_parts_mut(self.addr_of(bid), len) }
+    }
+
     /// Raw address of `bid` at `off`, for a send SQE. See the module comment for why the
     /// pointer stays valid until the completion.
     pub(crate) fn ptr(&self, bid: u16, off: usize) -> *const u8 {

@@ -226,6 +226,11 @@ impl Reactor {
         self.bufs.slice(bid, len)
     }
 
+    /// A received buffer, writable.
+    pub fn buf_mut(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        self.bufs.slice_mut(bid, len)
+    }
+
     /// Records a completion's buffer as checked out (call once per completion carrying one).
     pub fn take_buffer(&mut self, bid: u16) {
         self.bufs.checked_out_by_kernel(bid);

@@ -218,9 +218,9 @@ impl Flow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
     /// Client → origin.
-    Up,
+    Up = 0,
     /// Origin → client.
-    Down,
+    Down = 1,
 }
 
 impl Dir {
@@ -369,6 +369,44 @@ pub struct Session {
     pub bytes_down: u64,
     pub meta: Meta,
     pub app: Option<Box<AppConn>>,
+    /// TLS with the client and/or the origin; `None` for plaintext sessions.
+    pub tls: Option<Box<SessionTls>>,
+}
+
+/// TLS state of a session. A session with TLS on either side moves its bytes through owned
+/// buffers (`pend`) instead of ring-buffer chunks: what arrives is decrypted and/or
+/// encrypted into the buffer of the direction it goes, and one send per direction carries it.
+#[derive(Debug, Default)]
+pub struct SessionTls {
+    /// Server side of the client's TLS (TLS listener).
+    pub client: Option<crate::tls::TlsConn>,
+    /// Client side of the origin's TLS (TLS pool).
+    pub origin: Option<Box<crate::tls::TlsConn>>,
+    /// Bytes ready for the origin (`[0]`, up) and the client (`[1]`, down), not yet handed to
+    /// a send.
+    pub pend: [Vec<u8>; 2],
+}
+
+impl SessionTls {
+    pub fn pend(&mut self, d: Dir) -> &mut Vec<u8> {
+        &mut self.pend[d as usize]
+    }
+
+    /// The TLS of the socket a direction writes to.
+    pub fn dst(&mut self, d: Dir) -> Option<&mut crate::tls::TlsConn> {
+        match d {
+            Dir::Up => self.origin.as_deref_mut(),
+            Dir::Down => self.client.as_mut(),
+        }
+    }
+
+    /// The TLS of the socket a direction reads from.
+    pub fn src(&mut self, d: Dir) -> Option<&mut crate::tls::TlsConn> {
+        match d {
+            Dir::Up => self.client.as_mut(),
+            Dir::Down => self.origin.as_deref_mut(),
+        }
+    }
 }
 
 impl Session {
@@ -438,7 +476,7 @@ mod tests {
     fn session_stays_small() {
         // An idle relayed connection's user-space cost is this struct plus its slab slot.
         assert!(
-            std::mem::size_of::<Session>() <= 312,
+            std::mem::size_of::<Session>() <= 320,
             "{}",
             std::mem::size_of::<Session>()
         );

@@ -105,6 +105,8 @@ mod tests {
             balance,
             source_addresses: vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()],
             down_time: Duration::from_secs(2),
+            tls: None,
+            host: None,
         }
     }
 

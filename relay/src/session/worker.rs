@@ -27,6 +27,9 @@ use crate::proto::ws::{CloseCode, ControlFrame, DataKind, Decoder, DecoderConfig
 use crate::reactor::timer::{TimerEntry, TimerWheel};
 use crate::reactor::token::{Op, Token, GEN_MASK};
 use crate::reactor::{sys, Completion, Reactor, ReactorConfig, MAX_IOV};
+use crate::tls::{ClientTls, ServerTls};
+
+mod tls;
 
 /// `Op::Wake` slot of the poll on this worker's room-inbox eventfd.
 const WAKE_INBOX: u32 = 1;
@@ -115,6 +118,10 @@ pub struct WorkerInit {
     /// Rooms across workers, and this worker's inbox of room messages from the others.
     pub hub: Arc<RoomHub>,
     pub inbox: crossbeam_channel::Receiver<RoomMsg>,
+    /// Per listener (same order as the config): this worker's TLS server config, if TLS.
+    pub listener_tls: Vec<Option<ServerTls>>,
+    /// Per pool: TLS toward its origins, if any.
+    pub pool_tls: Vec<Option<ClientTls>>,
 }
 
 /// What the main thread keeps of a worker.
@@ -160,6 +167,10 @@ struct Worker {
     t_half: u32,
     t_ping: Option<u32>,
     t_pong: u32,
+    listener_tls: Vec<Option<ServerTls>>,
+    pool_tls: Vec<Option<ClientTls>>,
+    /// Plaintext a TLS receive decrypted, before it moves on (reused).
+    scratch: Vec<u8>,
 }
 
 /// Runs a worker on the calling thread until it has drained. Sends `Ok(description)` once
@@ -234,6 +245,9 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         t_half: ticks(t.half_closed),
         t_ping: cfg.apps.ping_interval.map(ticks),
         t_pong: ticks(cfg.apps.pong_timeout),
+        listener_tls: init.listener_tls,
+        pool_tls: init.pool_tls,
+        scratch: Vec::new(),
         cfg,
     };
     for i in 0..w.listeners.len() {
@@ -515,8 +529,25 @@ impl Worker {
             bytes_down: 0,
             meta: Meta::start(),
             app: None,
+            tls: None,
         });
         tracing::trace!(worker = self.id, slot, fd, %peer, "accepted");
+        if let Some(Some(t)) = self.listener_tls.get(li) {
+            match crate::tls::TlsConn::server(t) {
+                Ok(conn) => {
+                    self.sessions[slot].tls = Some(Box::new(super::SessionTls {
+                        client: Some(conn),
+                        ..Default::default()
+                    }))
+                }
+                Err(e) => {
+                    tracing::warn!(worker = self.id, "cannot start a TLS session: {e}");
+                    self.begin_close(slot, CloseCause::Refused);
+                    self.maybe_free(slot);
+                    return;
+                }
+            }
+        }
         if self.sessions.len() > self.max_connections {
             self.respond(
                 slot,
@@ -555,9 +586,14 @@ impl Worker {
         }
         let phase = s.phase;
         let bid = c.buffer();
+        let tls = s.tls.is_some();
         match (phase, dir) {
             (Phase::ClientHead, Dir::Up) => self.client_head(slot, c.result, bid),
+            (Phase::OriginHead, Dir::Down) if tls => self.tls_origin_head(slot, c.result, bid),
             (Phase::OriginHead, Dir::Down) => self.origin_head(slot, c.result, bid),
+            (Phase::Relay, _) | (Phase::Passthrough, Dir::Down) if tls => {
+                self.tls_flow_recv(slot, dir, c.result, bid, more)
+            }
             (Phase::Relay, _) | (Phase::Passthrough, Dir::Down) => {
                 self.flow_recv(slot, dir, c.result, bid, more)
             }
@@ -630,11 +666,18 @@ impl Worker {
                 self.starve(slot, Dir::Up);
             } else {
                 // Closed or reset before a complete head: nothing to answer.
+                if self.tls_handshaking(slot) {
+                    self.counters.tls_fail_closed += 1;
+                }
                 self.begin_close(slot, CloseCause::ClientClosed);
             }
             return;
         }
         let bid = bid.expect("a receive with data carries a buffer");
+        if self.client_tls(slot) {
+            self.tls_client_head(slot, res as usize, bid);
+            return;
+        }
         let max = self.cfg.limits.max_head_bytes as usize;
         let s = &mut self.sessions[slot];
         let fwd = Forwarding {
@@ -664,6 +707,16 @@ impl Worker {
             _ => None,
         };
         self.reactor.recycle(bid);
+        self.head_parsed(slot, parsed, plain);
+    }
+
+    /// Acts on a parsed (or incomplete, or refused) request head.
+    fn head_parsed(
+        &mut self,
+        slot: usize,
+        parsed: Result<Option<http::Upgrade>, Reject>,
+        plain: Option<(String, String)>,
+    ) {
         match parsed {
             Ok(None) => self.arm_recv_once(slot, Dir::Up),
             Err(r) => match plain.and_then(|(h, p)| self.cfg.route(&h, &p)) {
@@ -781,6 +834,12 @@ impl Worker {
                 let us = t.elapsed().as_micros() as u64;
                 self.latencies.origin_connect.saturating_record(us.max(1));
             }
+            if self.pool_tls_of(slot).is_some() {
+                self.tls_origin_start(slot);
+                return;
+            }
+            let s = &mut self.sessions[slot];
+            let hs = s.hs.as_mut().expect("handshake state");
             let head = hs
                 .origin_head
                 .take()
@@ -875,38 +934,14 @@ impl Worker {
         };
         // Bytes to forward: the head, plus whatever followed it (a first frame, or body).
         let total = if in_place { n } else { hs.buf.len() };
-        let mut send_len = total;
-        match head.answer {
-            Answer::Switching => {
-                self.counters.upgraded += 1;
-                s.phase = Phase::Relay;
-                s.meta.status = 101;
-                let us = s.meta.accepted.elapsed().as_micros() as u64;
-                self.latencies.handshake.saturating_record(us.max(1));
-            }
-            Answer::Other { body_len, status } => {
-                s.meta.status = status;
-                let body = (total - head.head_len) as u64;
-                if let Some(len) = body_len {
-                    send_len = head.head_len + body.min(len) as usize;
-                }
-                let remaining = body_len.map(|l| l.saturating_sub(body));
-                hs.remaining = remaining;
-                s.phase = Phase::Passthrough;
-                if remaining == Some(0) {
-                    s.down.eof = true;
-                }
-            }
-        }
-        s.phase_since = self.now;
-        s.last_active = self.now;
+        let send_len = self.origin_answered(slot, &head, total);
+        let s = &mut self.sessions[slot];
+        let hs = s.hs.as_mut().expect("handshake state");
         let owned = (!in_place).then(|| {
             let mut bytes = std::mem::take(&mut hs.buf);
             bytes.truncate(send_len);
             bytes
         });
-        let body = (send_len - head.head_len) as u64;
-        count_bytes(&mut self.counters, &mut self.routes, s, Dir::Down, body);
         let client_send = Token::new(Op::ClientSend, slot as u32, s.gen).encode();
         if in_place {
             // Zero copy: the 101 (and any frame behind it) goes out of the ring buffer.
@@ -934,6 +969,42 @@ impl Worker {
             self.arm_recv_multi(slot, Dir::Down);
         }
         self.arm_timer(slot);
+    }
+
+    /// The origin answered: moves the session to Relay (101) or Passthrough (any other
+    /// status), counts, and returns how many of the `total` bytes received so far go to the
+    /// client.
+    fn origin_answered(&mut self, slot: usize, head: &http::AnswerHead, total: usize) -> usize {
+        let s = &mut self.sessions[slot];
+        let hs = s.hs.as_mut().expect("handshake state");
+        let mut send_len = total;
+        match head.answer {
+            Answer::Switching => {
+                self.counters.upgraded += 1;
+                s.phase = Phase::Relay;
+                s.meta.status = 101;
+                let us = s.meta.accepted.elapsed().as_micros() as u64;
+                self.latencies.handshake.saturating_record(us.max(1));
+            }
+            Answer::Other { body_len, status } => {
+                s.meta.status = status;
+                let body = (total - head.head_len) as u64;
+                if let Some(len) = body_len {
+                    send_len = head.head_len + body.min(len) as usize;
+                }
+                let remaining = body_len.map(|l| l.saturating_sub(body));
+                hs.remaining = remaining;
+                s.phase = Phase::Passthrough;
+                if remaining == Some(0) {
+                    s.down.eof = true;
+                }
+            }
+        }
+        s.phase_since = self.now;
+        s.last_active = self.now;
+        let body = (send_len - head.head_len) as u64;
+        count_bytes(&mut self.counters, &mut self.routes, s, Dir::Down, body);
+        send_len
     }
 
     fn flow_recv(&mut self, slot: usize, dir: Dir, res: i32, bid: Option<u16>, more: bool) {
@@ -1039,8 +1110,9 @@ impl Worker {
     fn pass_eof(&mut self, slot: usize, dir: Dir) {
         let s = &mut self.sessions[slot];
         let dst = s.dst(dir);
+        let pending = s.tls.as_mut().is_some_and(|t| !t.pend(dir).is_empty());
         let f = s.flow_mut(dir);
-        if f.eof && !f.shut && f.quiet() {
+        if f.eof && !f.shut && f.quiet() && !pending {
             sys::shutdown_write(dst);
             f.shut = true;
         }
@@ -1089,6 +1161,10 @@ impl Worker {
     fn on_sent(&mut self, slot: usize, dir: Dir, c: Completion) {
         let s = &mut self.sessions[slot];
         s.flow_mut(dir).sending = false;
+        if s.tls.is_some() {
+            self.tls_sent(slot, dir, c);
+            return;
+        }
         let phase = s.phase;
         if matches!(phase, Phase::App | Phase::AppClosing) {
             self.app_sent(slot, c);
@@ -1201,6 +1277,12 @@ impl Worker {
         }
         s.phase = Phase::Responding;
         s.phase_since = now;
+        if self.client_tls(slot) {
+            self.tls_answer(slot, &http::error_response(r));
+            self.arm_timer(slot);
+            return;
+        }
+        let s = &mut self.sessions[slot];
         s.down.sending = true;
         s.inflight += 1;
         self.reactor
@@ -1600,9 +1682,15 @@ impl Worker {
         let ud = Token::new(Op::ClientSend, slot as u32, s.gen).encode();
         s.phase = Phase::Responding;
         s.phase_since = self.now;
+        let page = http::page_response("text/html; charset=utf-8", apps::DEMO_PAGE.as_bytes());
+        if self.client_tls(slot) {
+            self.tls_answer(slot, &page);
+            self.arm_timer(slot);
+            return;
+        }
+        let s = &mut self.sessions[slot];
         s.down.sending = true;
         s.inflight += 1;
-        let page = http::page_response("text/html; charset=utf-8", apps::DEMO_PAGE.as_bytes());
         self.reactor.send_bytes(s.client, page, 0, ud);
         self.arm_timer(slot);
     }
@@ -1622,6 +1710,10 @@ impl Worker {
         }
         let bid = bid.expect("a receive with data carries a buffer");
         let n = res as usize;
+        if self.client_tls(slot) {
+            self.tls_app_recv(slot, n, bid, more);
+            return;
+        }
         let s = &mut self.sessions[slot];
         s.last_active = self.now;
         count_bytes(&mut self.counters, &mut self.routes, s, Dir::Up, n as u64);
@@ -1830,6 +1922,10 @@ impl Worker {
 
     /// Starts the next send to an app client if none is in flight.
     fn app_kick(&mut self, slot: usize) {
+        if self.client_tls(slot) {
+            self.tls_app_kick(slot);
+            return;
+        }
         let ud = self.tok(Op::ClientSend, slot);
         let s = &mut self.sessions[slot];
         if s.down.sending || s.phase == Phase::Closing {
@@ -1973,6 +2069,11 @@ impl Worker {
             return;
         }
         match s.phase {
+            Phase::ClientHead if self.tls_handshaking(slot) => {
+                // No TLS yet, so no HTTP answer either: just close.
+                self.counters.tls_fail_timeout += 1;
+                self.begin_close(slot, CloseCause::Refused);
+            }
             Phase::ClientHead => self.respond(
                 slot,
                 Reject {
