@@ -99,7 +99,7 @@ summary() {
       "|--------|------:|",
       "| connections asked / established at the sample (relay side) | \($m.connections) / \($x.held) |",
       "| relay processes (`--workers 1`, max_connections \($m.max_connections_per_process) each) / load processes | \($x.processes.relay) / \($x.processes.load) |",
-      "| connections per relay process | \($x.per_process_connections | map(tostring) | join(", ")) |",
+      "| open descriptors per relay process (connections + a few of its own) | \($x.per_process_connections | map(tostring) | join(", ")) |",
       "| ramp: seconds / connections per second | \($x.ramp_seconds | r(1)) / \($x.connect_rate_per_s) |",
       "| relay VmRSS before → all open → end of hold (sum, KiB) | \($x.relay_rss_kib.before) → \($x.relay_rss_kib.open) → \($x.relay_rss_kib.end) |",
       "| **relay user-space bytes per idle TLS connection** (open − before) / held | **\($x.relay_user_bytes_per_conn)** |",

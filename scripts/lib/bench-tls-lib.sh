@@ -108,8 +108,8 @@ relay_tls_counters() {
     local p
     [ ${#RELAY_ADMIN_PORTS[@]} -gt 0 ] || { echo null; return; }
     for p in "${RELAY_ADMIN_PORTS[@]}"; do http_get "$p" /metrics 2>/dev/null; done |
-        awk '/^relay_tls_handshakes_total\{kind="full"\}/ { f += $NF }
-             /^relay_tls_handshakes_total\{kind="resumed"\}/ { r += $NF }
+        awk '/^relay_tls_handshakes_total\{.*kind="full"/ { f += $NF }
+             /^relay_tls_handshakes_total\{.*kind="resumed"/ { r += $NF }
              /^relay_tls_handshake_failures_total/ { x += $NF }
              END { printf "{\"full\": %d, \"resumed\": %d, \"failures\": %d}\n", f, r, x }'
 }
