@@ -186,7 +186,15 @@ if [ "$AVAIL" -lt "$NEED" ]; then
     die "refusing: $N connections x 40 KiB (client ~10 KiB + relay <= 16 KiB + kernel ~12 KiB, with margin) + 1 GiB = $NEED KiB, but MemAvailable is $AVAIL KiB; try --connections $(((AVAIL - 1048576) / 40 > 0 ? (AVAIL - 1048576) / 40 : 0))"
 fi
 
-( sleep "$MAX_SECONDS" && kill -TERM $$ 2>/dev/null ) &
+# (Its own output goes nowhere, so it never holds a pipe of the caller open; on TERM it
+# stops its sleep and exits.)
+(
+    exec >/dev/null 2>&1
+    sleep "$MAX_SECONDS" &
+    sp=$!
+    trap 'kill "$sp"; exit 0' TERM
+    wait "$sp" && kill -TERM $$
+) &
 WATCHDOG=$!
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}

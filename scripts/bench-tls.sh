@@ -209,7 +209,15 @@ done
 [ "$(nproc --all)" -ge 2 ] || die "needs 2 CPUs (proxy on CPU 0, load and origin on CPU 1)"
 
 # The whole run is bounded: a watchdog (our own child, stopped at exit) ends it.
-( sleep "$MAX_SECONDS" && kill -TERM $$ 2>/dev/null ) &
+# (Its own output goes nowhere, so it never holds a pipe of the caller open; on TERM it
+# stops its sleep and exits.)
+(
+    exec >/dev/null 2>&1
+    sleep "$MAX_SECONDS" &
+    sp=$!
+    trap 'kill "$sp"; exit 0' TERM
+    wait "$sp" && kill -TERM $$
+) &
 WATCHDOG=$!
 
 # ---------------------------------------------------------------- setup
