@@ -177,6 +177,10 @@ EOF
         echo "- JSON: \`bench-results/$(basename "$OUT")\` (not committed)"
         echo
         echo "$table"
+        # A hand-written reading of the run, between the bench-tls-notes markers inside this
+        # section, is kept as it is.
+        awk '/^<!-- bench-tls-notes:begin/ { keep = 1 } keep { print } /^<!-- bench-tls-notes:end/ { keep = 0 }' \
+            "$REPO/docs/benchmarks.md" 2>/dev/null | sed '1s/^/\n/'
         echo "<!-- bench-tls:end -->"
     } >"$section"
     replace_doc_section "$REPO/docs/benchmarks.md" "<!-- bench-tls:begin" "<!-- bench-tls:end" "$section"
