@@ -148,8 +148,8 @@ fn tls_listener_config(pki: &Pki, extra: &str) -> String {
 }
 
 /// An echo origin speaking wss (tokio-rustls + tokio-tungstenite) with a leaf for
-/// origin.test.
-fn tls_origin(pki: &Pki) -> SocketAddr {
+/// origin.test; with `mtls` it demands a client certificate signed by the test CA.
+fn tls_origin(pki: &Pki, mtls: bool) -> SocketAddr {
     let (cert, key) = pki.leaf("origin", &["origin.test"], false);
     use rustls::pki_types::pem::PemObject;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
@@ -157,10 +157,18 @@ fn tls_origin(pki: &Pki) -> SocketAddr {
         .map(|c| c.unwrap())
         .collect();
     let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&key).unwrap();
-    let cfg = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
+    let builder = rustls::ServerConfig::builder();
+    let builder = if mtls {
+        let mut roots = RootCertStore::empty();
+        roots.add(pki.ca.der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .build()
+            .unwrap();
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let cfg = builder.with_single_cert(chain, key).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
@@ -203,7 +211,7 @@ fn write_pki(tag: &str) -> Pki {
 fn wss_to_plain_and_tls_origins_with_sni_and_resumption() {
     let pki = write_pki("main");
     let origin = ws_origin(OriginMode::Echo);
-    let secure = tls_origin(&pki);
+    let secure = tls_origin(&pki, false);
     let extra = format!(
         "[[pool]]\nname = \"plain\"\norigins = [\"{}\"]\n\
          [[pool]]\nname = \"secure\"\norigins = [\"{secure}\"]\ntls = true\n\
@@ -491,6 +499,121 @@ fn idle_tls_connection_costs_under_4_kib_of_relay_rss() {
     );
     drop(conns);
     relay.wait_for("connections closed", Duration::from_secs(30), |r| {
+        r.active() == 0.0
+    });
+}
+
+#[test]
+fn origin_demanding_a_client_certificate_is_served_with_mtls() {
+    let pki = write_pki("mtls");
+    let origin = tls_origin(&pki, true);
+    let (cc, ck) = pki.leaf("relay-client", &["relay.test"], false);
+    let pool = |client_cert: &str| {
+        format!(
+            "[[pool]]\nname = \"m\"\norigins = [\"{origin}\"]\ntls = true\ntls_ca = \"{}\"\n\
+             tls_server_name = \"origin.test\"\n{client_cert}[[route]]\npool = \"m\"\n",
+            pki.path("ca.pem").display()
+        )
+    };
+    let with_cert = format!(
+        "tls_client_cert = \"{}\"\ntls_client_key = \"{}\"\n",
+        cc.display(),
+        ck.display()
+    );
+    let relay = Relay::with_config(&tls_listener_config(&pki, &pool(&with_cert)), &[]);
+    let rt = rt();
+    rt.block_on(async {
+        let mut ws = wss(
+            relay.addr,
+            "a.test",
+            "/",
+            &pki.client(&[&rustls::version::TLS13]),
+        )
+        .await;
+        echo_round(&mut ws).await;
+    });
+    drop(relay);
+    // Without the client certificate the origin refuses the handshake: 502.
+    let relay = Relay::with_config(&tls_listener_config(&pki, &pool("")), &[]);
+    rt.block_on(async {
+        let tcp = TcpStream::connect(relay.addr).await.unwrap();
+        let url = format!("wss://a.test:{}/", relay.addr.port());
+        let err = tokio_tungstenite::client_async_tls_with_config(
+            url,
+            tcp,
+            None,
+            Some(Connector::Rustls(pki.client(&[&rustls::version::TLS13]))),
+        )
+        .await
+        .unwrap_err();
+        match err {
+            tokio_tungstenite::tungstenite::Error::Http(r) => assert_eq!(r.status(), 502),
+            e => panic!("expected a 502, got {e}"),
+        }
+    });
+    relay.wait_for("origin TLS failure counted", Duration::from_secs(5), |r| {
+        r.metric_sum("relay_origin_tls_failures_total", &[]) == 1.0
+    });
+}
+
+/// Sends `request` over TLS (SNI a.test) and returns everything relay answered until it
+/// closed, and whether the close was a clean close_notify.
+async fn tls_exchange(addr: SocketAddr, cfg: &Arc<ClientConfig>, request: &[u8]) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    // An unexpected EOF (no close_notify) is an error for tokio-rustls.
+    let clean = tls.read_to_end(&mut got).await.is_ok();
+    (String::from_utf8_lossy(&got).into_owned(), clean)
+}
+
+#[test]
+fn relay_answers_and_origin_answers_reach_tls_clients_encrypted() {
+    let pki = write_pki("answers");
+    let origin = raw_origin(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 12\r\nContent-Type: text/plain\r\n\r\nnot for you!",
+    );
+    let extra = format!(
+        "[[pool]]\nname = \"p\"\norigins = [\"{origin}\"]\n\
+         [[route]]\npath = \"/echo\"\napp = \"echo\"\n\
+         [[route]]\npath = \"/origin\"\npool = \"p\"\n\
+         [[route]]\npath = \"/\"\napp = \"demo\"\n"
+    );
+    let relay = Relay::with_config(&tls_listener_config(&pki, &extra), &[]);
+    let cfg = pki.client(&[&rustls::version::TLS13]);
+    rt().block_on(async {
+        // The origin's own refusal, body and all, then close_notify.
+        let (answer, clean) = tls_exchange(
+            relay.addr,
+            &cfg,
+            upgrade_request("a.test", "/origin").as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nnot for you!"), "{answer}");
+        assert!(clean, "closed with close_notify");
+        // relay's own error status over TLS.
+        let (answer, clean) = tls_exchange(
+            relay.addr,
+            &cfg,
+            b"POST /echo HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status_of(&answer), 405, "{answer}");
+        assert!(clean);
+        // The demo page over https.
+        let (answer, clean) =
+            tls_exchange(relay.addr, &cfg, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+        assert_eq!(status_of(&answer), 200, "{answer}");
+        assert!(answer.contains("<html"), "{answer}");
+        assert!(clean);
+    });
+    relay.wait_for("connections closed", Duration::from_secs(10), |r| {
         r.active() == 0.0
     });
 }

@@ -6,6 +6,11 @@
 //! streaming it in those chunks ([`Delivery::Fragments`]) must give the same messages once
 //! the pieces are joined. No call may panic, use more bytes than it was given, or return no
 //! event without using all of them.
+//!
+//! The `tls_server` target's harness (a server `TlsConn` against raw bytes or a real rustls
+//! client) is in [`tls`].
+
+pub mod tls;
 
 use relay::proto::ws::{
     CloseCode, DataKind, Decoder, DecoderConfig, Delivery, Event, ProtocolError,

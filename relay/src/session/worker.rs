@@ -1247,6 +1247,10 @@ impl Worker {
             s.inflight += 1;
             self.reactor.cancel_op(target, ud);
         }
+        // A TLS client hears close_notify first; its send completion comes back here.
+        if self.tls_flush_close(slot, Dir::Down) {
+            return;
+        }
         self.start_lingering(slot);
     }
 

@@ -222,36 +222,15 @@ impl Worker {
     /// The TCP connection to a TLS origin is up: send the ClientHello. The request head
     /// waits in `hs.origin_head` until the handshake completes.
     pub(super) fn tls_origin_start(&mut self, slot: usize) {
-        let conn = match self.pool_tls_of(slot).map(TlsConn::client) {
-            Some(Ok(c)) => c,
-            Some(Err(e)) => {
-                tracing::warn!(worker = self.id, "cannot start TLS toward the origin: {e}");
-                self.counters.origin_tls_failures += 1;
-                self.respond(
-                    slot,
-                    Reject {
-                        status: Status::BadGateway,
-                        reason: "TLS handshake with the origin failed",
-                    },
-                );
-                return;
-            }
-            None => unreachable!("called for TLS pools only"),
+        let Some(cfg) = self.pool_tls_of(slot) else {
+            unreachable!("called for TLS pools only")
         };
-        let mut conn = Box::new(conn);
         let mut hello = Vec::new();
-        if let Err(e) = conn.start(&mut hello) {
-            tracing::warn!(worker = self.id, "cannot start TLS toward the origin: {e}");
-            self.counters.origin_tls_failures += 1;
-            self.respond(
-                slot,
-                Reject {
-                    status: Status::BadGateway,
-                    reason: "TLS handshake with the origin failed",
-                },
-            );
-            return;
-        }
+        let conn = TlsConn::client(cfg).and_then(|mut c| c.start(&mut hello).map(|()| c));
+        let conn = match conn {
+            Ok(c) => Box::new(c),
+            Err(e) => return self.origin_tls_failed(slot, e),
+        };
         let now = self.now;
         let s = &mut self.sessions[slot];
         let t = s.tls.get_or_insert_with(Box::default);
@@ -287,16 +266,7 @@ impl Worker {
             match r {
                 Err(e) => {
                     self.scratch = plain;
-                    self.counters.origin_tls_failures += 1;
-                    let origin = self.origin_addr(slot);
-                    tracing::warn!(worker = self.id, %origin, "TLS handshake with origin failed: {e}");
-                    self.respond(
-                        slot,
-                        Reject {
-                            status: Status::BadGateway,
-                            reason: "TLS handshake with the origin failed",
-                        },
-                    );
+                    self.origin_tls_failed(slot, e);
                     return;
                 }
                 Ok(p) => {
@@ -353,6 +323,20 @@ impl Worker {
         self.arm_timer(slot);
     }
 
+    /// The TLS handshake with the origin failed (or could not start): 502, counted, logged.
+    fn origin_tls_failed(&mut self, slot: usize, e: crate::tls::Error) {
+        self.counters.origin_tls_failures += 1;
+        let origin = self.origin_addr(slot);
+        tracing::warn!(worker = self.id, %origin, "TLS handshake with origin failed: {e}");
+        self.respond(
+            slot,
+            Reject {
+                status: Status::BadGateway,
+                reason: "TLS handshake with the origin failed",
+            },
+        );
+    }
+
     /// The address of the session's origin, for logs.
     fn origin_addr(&self, slot: usize) -> String {
         let s = &self.sessions[slot];
@@ -392,47 +376,57 @@ impl Worker {
             let data = self.reactor.buf_mut(bid, n);
             let mut peer_closed = false;
             let mut failed = false;
-            let bytes: &[u8] = match src {
-                Some(conn) => {
-                    let mut out = Vec::new();
-                    match conn.receive(data, &mut plain, &mut out) {
-                        Ok(p) => peer_closed = p.peer_closed,
-                        Err(e) => {
-                            tracing::debug!(worker = self.id, "TLS record error: {e}");
-                            failed = true;
-                        }
-                    }
-                    // Replies to the source (a key update, say) go the other way.
-                    let back = match dir {
-                        Dir::Up => Dir::Down,
-                        Dir::Down => Dir::Up,
-                    };
-                    pend[back as usize].extend_from_slice(&out);
-                    &plain
-                }
-                None => data,
-            };
-            let mut m = bytes.len() as u64;
-            if s.phase == Phase::Passthrough {
-                let hs = s.hs.as_mut().expect("passthrough keeps its state");
-                if let Some(r) = hs.remaining {
-                    m = m.min(r);
-                    hs.remaining = Some(r - m);
-                    if r == m {
-                        s.down.eof = true;
-                    }
-                }
-            }
-            let bytes = &bytes[..m as usize];
             let mut enc_failed = false;
-            if !bytes.is_empty() {
-                s.last_active = now;
-                match dst {
-                    Some(conn) => enc_failed = conn.send(bytes, &mut pend[dir as usize]).is_err(),
-                    None => pend[dir as usize].extend_from_slice(bytes),
+            let back = dir_back(dir);
+            let mut out = Vec::new();
+            // Plaintext the source sent (decrypted if it speaks TLS), then into the
+            // direction's buffer (encrypted if the destination speaks TLS). Decrypting
+            // straight into that buffer saves a copy when the destination is plaintext.
+            let limit = match (s.phase, s.hs.as_ref()) {
+                (Phase::Passthrough, Some(hs)) => hs.remaining,
+                _ => None,
+            };
+            let got = match (src, dst) {
+                (Some(src), None) => {
+                    let buf = &mut pend[dir as usize];
+                    let start = buf.len();
+                    match src.receive(data, buf, &mut out) {
+                        Ok(p) => peer_closed = p.peer_closed,
+                        Err(_) => failed = true,
+                    }
+                    let got = (buf.len() - start) as u64;
+                    let keep = limit.map_or(got, |l| got.min(l));
+                    buf.truncate(start + keep as usize);
+                    keep
+                }
+                (Some(src), Some(dst)) => {
+                    match src.receive(data, &mut plain, &mut out) {
+                        Ok(p) => peer_closed = p.peer_closed,
+                        Err(_) => failed = true,
+                    }
+                    let keep = limit.map_or(plain.len(), |l| plain.len().min(l as usize));
+                    enc_failed = dst.send(&plain[..keep], &mut pend[dir as usize]).is_err();
+                    keep as u64
+                }
+                (None, Some(dst)) => {
+                    let keep = limit.map_or(n, |l| n.min(l as usize));
+                    enc_failed = dst.send(&data[..keep], &mut pend[dir as usize]).is_err();
+                    keep as u64
+                }
+                (None, None) => unreachable!("a TLS session has TLS on one side at least"),
+            };
+            // Replies to the source (a key update, say) go the other way.
+            pend[back as usize].extend_from_slice(&out);
+            if let (Some(r), Some(hs)) = (limit, s.hs.as_mut()) {
+                hs.remaining = Some(r - got);
+                if r == got {
+                    s.down.eof = true;
                 }
             }
-            let m = bytes.len() as u64;
+            if got > 0 {
+                s.last_active = now;
+            }
+            let m = got;
             self.reactor.recycle(bid);
             self.scratch = plain;
             let s = &mut self.sessions[slot];
