@@ -24,13 +24,13 @@ def row($c; $what; f):
     row($c; "TLS handshake p50 µs (client view)"; .tls_handshake_us.p50),
     row($c; "TLS handshake p99 µs"; .tls_handshake_us.p99),
     row($c; "resumed handshakes %"; .resumed_share * 100),
-    row($c; "proxy CPU % (run-queue wait %)"; "\(.proxy_cpu_pct) (\(.proxy_runq_wait_pct))")),
+    row($c; "proxy CPU % (other work on CPU 0 %)"; "\(.proxy_cpu_pct) (\(.other_cpu0_pct // "–"))")),
   (["tput-32", "tput-4096"][] as $c | select($cells | index($c)) |
     row($c; "messages/s"; .msgs_per_s),
     row($c; "proxy CPU-µs per message"; .proxy_cpu_us_per_msg),
     row($c; "RTT p50 µs"; .rtt_us.p50),
     row($c; "RTT p99 µs"; .rtt_us.p99),
-    row($c; "proxy CPU % (run-queue wait %)"; "\(.proxy_cpu_pct) (\(.proxy_runq_wait_pct))")),
+    row($c; "proxy CPU % (other work on CPU 0 %)"; "\(.proxy_cpu_pct) (\(.other_cpu0_pct // "–"))")),
   (["idle"][] as $c | select($cells | index($c)) |
     row($c; "connections held"; .held),
     row($c; "proxy user-space bytes per connection (VmRSS delta)"; .proxy_user_bytes_per_conn),
