@@ -44,6 +44,7 @@ fn load_args(target: SocketAddr) -> load::LoadArgs {
         duration: Duration::from_millis(500),
         threads: 2,
         max_seconds: 30,
+        tls: None,
     }
 }
 
@@ -322,4 +323,220 @@ fn nothing_to_connect_to() {
     let r = load::run(a).unwrap();
     assert_eq!(r.connect_failures, 3, "{r:?}");
     assert_eq!(crate::report::exit_code(&r), 3);
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS: a minimal rustls terminator in front of echo-origin (one thread per connection,
+// non-blocking sockets polled every 200 us; enough for tests), and the wss clients.
+// ---------------------------------------------------------------------------------------
+
+const TEST_CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/test-ca.pem");
+const TEST_CERT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/test-leaf.pem");
+const TEST_KEY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/test-leaf.key");
+
+fn start_tls_terminator(origin: SocketAddr) -> SocketAddr {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(TEST_CERT)
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(TEST_KEY).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().unwrap();
+    let cfg = std::sync::Arc::new(cfg);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            let cfg = cfg.clone();
+            std::thread::spawn(move || terminate(c, origin, cfg));
+        }
+    });
+    addr
+}
+
+fn terminate(mut c: TcpStream, origin: SocketAddr, cfg: std::sync::Arc<rustls::ServerConfig>) {
+    use std::io::ErrorKind::WouldBlock;
+    let Ok(mut o) = TcpStream::connect(origin) else {
+        return;
+    };
+    let mut tls = rustls::ServerConnection::new(cfg).unwrap();
+    c.set_nonblocking(true).unwrap();
+    o.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut busy = false;
+        match tls.read_tls(&mut c) {
+            Ok(0) => return,
+            Ok(_) => {
+                busy = true;
+                if tls.process_new_packets().is_err() {
+                    let _ = tls.write_tls(&mut c);
+                    return;
+                }
+            }
+            Err(e) if e.kind() == WouldBlock => {}
+            Err(_) => return,
+        }
+        loop {
+            match tls.reader().read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    o.set_nonblocking(false).unwrap();
+                    if o.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    o.set_nonblocking(true).unwrap();
+                }
+                Err(_) => break,
+            }
+        }
+        match o.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                busy = true;
+                tls.writer().write_all(&buf[..n]).unwrap();
+            }
+            Err(e) if e.kind() == WouldBlock => {}
+            Err(_) => return,
+        }
+        while tls.wants_write() {
+            match tls.write_tls(&mut c) {
+                Ok(_) => {}
+                Err(e) if e.kind() == WouldBlock => {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(_) => return,
+            }
+        }
+        if !busy {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+fn tls_opts(verify: crate::tls::Verify, resume: bool) -> crate::tls::TlsOpts {
+    crate::tls::TlsOpts {
+        verify,
+        sni: "relay.test".into(),
+        kx: crate::tls::Kx::X25519,
+        version: crate::tls::Version::Any,
+        resume,
+    }
+}
+
+fn tls_client(o: crate::tls::TlsOpts) -> load::TlsClient {
+    load::TlsClient {
+        config: std::sync::Arc::new(crate::tls::client_config(&o, 64).unwrap()),
+        name: o.server_name().unwrap(),
+        opts: o,
+    }
+}
+
+#[test]
+fn load_wss_throughput_verified_against_ca() {
+    let proxy = start_tls_terminator(start_origin(1));
+    let mut a = load_args(proxy);
+    a.size = 5000; // more than one TLS record's worth of reads per echo at times
+    a.tls = Some(tls_client(tls_opts(
+        crate::tls::Verify::Ca(TEST_CA.into()),
+        false,
+    )));
+    let r = load::run(a).unwrap();
+    assert_eq!(r.connections_open_peak, 3, "{r:?}");
+    assert!(r.messages > 20, "{r:?}");
+    assert_eq!((r.errors, r.verify_failures), (0, 0), "{r:?}");
+    let t = r.tls.unwrap();
+    assert_eq!((t.handshakes_full, t.handshakes_resumed), (3, 0));
+    let n = t.negotiated.unwrap();
+    assert!(n.starts_with("TLSv1_3") && n.contains("X25519"), "{n}");
+}
+
+#[test]
+fn load_wss_refuses_wrong_name_and_hold_works_insecure() {
+    let proxy = start_tls_terminator(start_origin(1));
+    // The certificate is for relay.test / 127.0.0.1, not other.test: every handshake fails.
+    let mut o = tls_opts(crate::tls::Verify::Ca(TEST_CA.into()), false);
+    o.sni = "other.test".into();
+    let mut a = load_args(proxy);
+    a.tls = Some(tls_client(o));
+    let r = load::run(a).unwrap();
+    assert_eq!(
+        (r.connections_open_peak, r.handshake_failures),
+        (0, 3),
+        "{r:?}"
+    );
+    // --insecure accepts it; hold mode keeps them open.
+    let mut o = tls_opts(crate::tls::Verify::Insecure, false);
+    o.sni = "other.test".into();
+    let mut a = load_args(proxy);
+    a.mode = load::Mode::Hold;
+    a.connections = 20;
+    a.tls = Some(tls_client(o));
+    let r = load::run(a).unwrap();
+    assert_eq!((r.connections_open_peak, r.errors), (20, 0), "{r:?}");
+}
+
+fn hs_args(target: SocketAddr, tls: Option<crate::tls::TlsOpts>) -> crate::handshakes::HsArgs {
+    crate::handshakes::HsArgs {
+        target,
+        target_str: target.to_string(),
+        host: "relay.test".into(),
+        path: "/".into(),
+        tls,
+        concurrency: 3,
+        warmup: Duration::from_millis(300),
+        duration: Duration::from_millis(700),
+        size: 32,
+        threads: 1,
+        sources: Sources::Any,
+        connect_timeout: Duration::from_secs(5),
+        server_pids: vec![std::process::id()],
+        max_seconds: 30,
+    }
+}
+
+#[test]
+fn handshakes_full_resumed_and_plain() {
+    let origin = start_origin(1);
+    let proxy = start_tls_terminator(origin);
+    let full = crate::handshakes::run(hs_args(
+        proxy,
+        Some(tls_opts(crate::tls::Verify::Ca(TEST_CA.into()), false)),
+    ))
+    .unwrap();
+    assert!(full.completed > 5, "{full:?}");
+    assert_eq!(full.handshakes_resumed, 0, "{full:?}");
+    assert_eq!(full.handshakes_full, full.completed);
+    assert_eq!((full.failures_total, full.exit_code()), (0, 0), "{full:?}");
+    assert!(full.latency_us.tls_handshake_us.p50 > 0.0);
+    assert!(full.server.as_ref().unwrap().cpu_s >= 0.0);
+
+    // Resumed: after the warm-up every slot offers a ticket, and the server takes it.
+    let res = crate::handshakes::run(hs_args(
+        proxy,
+        Some(tls_opts(crate::tls::Verify::Insecure, true)),
+    ))
+    .unwrap();
+    assert!(res.completed > 5, "{res:?}");
+    assert_eq!(res.handshakes_resumed, res.completed, "{res:?}");
+    assert_eq!(res.exit_code(), 0);
+    assert!(
+        res.negotiated.as_deref().unwrap().ends_with("Resumed"),
+        "{res:?}"
+    );
+
+    // Plain ws straight to the origin: no TLS step, no TLS figures.
+    let plain = crate::handshakes::run(hs_args(origin, None)).unwrap();
+    assert!(
+        plain.completed > 5 && plain.failures_total == 0,
+        "{plain:?}"
+    );
+    assert!(!plain.failures.contains_key("tls"));
+    assert_eq!(plain.resumed_share, None);
 }

@@ -4,6 +4,13 @@
 //! connection owns no buffer while idle: reads go to a per-thread scratch buffer and
 //! echoes are verified as they stream through the decoder; a boxed `Extra` exists only
 //! while a handshake, an unsent write or a control-frame payload is in progress.
+//!
+//! With `--tls` every connection also owns a boxed rustls `ClientConnection`: TCP bytes go
+//! through `read_tls` / `process_new_packets`, the plaintext is then read into the same
+//! scratch buffer and handled exactly like a plaintext connection's bytes; output is
+//! written into the connection's `writer()` and leaves through `write_tls`, so rustls's
+//! own send buffer replaces `Extra::pend`. An idle TLS connection keeps rustls's state
+//! (about 4 KiB of it is the receive buffer rustls keeps once it has read anything).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -17,6 +24,7 @@ use anyhow::{bail, Result};
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind};
 use slab::Slab;
 
 use crate::net::{self, Sources};
@@ -65,6 +73,16 @@ pub struct LoadArgs {
     pub duration: Duration,
     pub threads: usize,
     pub max_seconds: u64,
+    /// wss: every connection does a TLS handshake first.
+    pub tls: Option<TlsClient>,
+}
+
+/// The TLS side of a `load` run: one shared client config (and so one session store).
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    pub config: Arc<ClientConfig>,
+    pub name: rustls::pki_types::ServerName<'static>,
+    pub opts: crate::tls::TlsOpts,
 }
 
 /// Counters shared by all threads (connection events) and per-thread flushes (messages).
@@ -85,6 +103,9 @@ struct Shared {
     verify_failures: AtomicU64,
     messages: AtomicU64,
     bytes: AtomicU64,
+    tls_full: AtomicU64,
+    tls_resumed: AtomicU64,
+    tls_negotiated: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -142,10 +163,15 @@ struct Conn {
     /// Send times (ns since the thread epoch) of messages whose echo is outstanding.
     sent_at: VecDeque<u64>,
     extra: Option<Box<Extra>>,
+    /// wss only: the TLS session (its send buffer holds what the socket has not taken).
+    tls: Option<Box<ClientConnection>>,
 }
 
 impl Conn {
     fn pending(&self) -> usize {
+        if let Some(t) = &self.tls {
+            return usize::from(t.wants_write());
+        }
         self.extra.as_ref().map_or(0, |e| e.pend.len() - e.pend_pos)
     }
     fn trim_extra(&mut self) {
@@ -211,6 +237,8 @@ struct Loader {
     poll: Poll,
     conns: Slab<Conn>,
     scratch: Vec<u8>,
+    /// wss: TCP bytes read from a socket before rustls takes them (empty without --tls).
+    tls_in: Vec<u8>,
     ctx: Ctx,
     quota: u64,
     attempted: u64,
@@ -401,6 +429,21 @@ pub fn run(a: LoadArgs) -> Result<Report> {
             _ => None,
         },
         stopped_by_max_seconds: stopped_by_cap,
+        tls: a.tls.as_ref().map(|t| report::TlsFigures {
+            sni: t.opts.sni.clone(),
+            verify: match &t.opts.verify {
+                crate::tls::Verify::Ca(p) => format!("ca {p}"),
+                crate::tls::Verify::Insecure => "insecure (benchmark-only verifier)".into(),
+            },
+            resume: t.opts.resume,
+            negotiated: sh
+                .tls_negotiated
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            handshakes_full: sh.tls_full.load(Relaxed),
+            handshakes_resumed: sh.tls_resumed.load(Relaxed),
+        }),
     };
     Ok(r)
 }
@@ -426,6 +469,11 @@ impl Loader {
             poll: Poll::new()?,
             conns: Slab::with_capacity(quota.min(1 << 16) as usize),
             scratch: vec![0x5a; SCRATCH],
+            tls_in: if a.tls.is_some() {
+                vec![0; SCRATCH]
+            } else {
+                Vec::new()
+            },
             ctx: Ctx {
                 out: Vec::with_capacity(64 * 1024),
                 rng: fastrand::Rng::new(),
@@ -624,6 +672,17 @@ impl Loader {
                 return;
             }
         };
+        let tls = match &self.a.tls {
+            None => None,
+            Some(t) => match crate::tls::connect(&t.config, &t.name) {
+                Ok(c) => Some(Box::new(c)),
+                Err(e) => {
+                    self.sh.connect_failures.fetch_add(1, Relaxed);
+                    self.log_connect(format_args!("TLS client set-up: {e}"));
+                    return;
+                }
+            },
+        };
         let mut stream = TcpStream::from_std(stream);
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
@@ -650,6 +709,7 @@ impl Loader {
             msg_len: 0,
             sent_at: VecDeque::new(),
             extra: None,
+            tls,
         });
         self.resolving += 1;
     }
@@ -734,54 +794,117 @@ impl Loader {
     }
 
     fn on_readable(&mut self, idx: usize) {
+        if self.conns[idx].tls.is_some() {
+            return self.on_readable_tls(idx);
+        }
         for _ in 0..READS_PER_TURN {
             let conn = &mut self.conns[idx];
             let n = match conn.stream.read(&mut self.scratch) {
-                Ok(0) => {
-                    if conn.phase == Phase::Handshaking {
-                        self.fail(idx, format_args!("connection closed before the 101 answer"));
-                    } else {
-                        self.drop_conn(idx, true, format_args!("connection closed by peer"));
-                    }
-                    return;
-                }
+                Ok(0) => return self.lost(idx, format_args!("connection closed by peer")),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if conn.phase == Phase::Handshaking {
-                        self.fail(idx, format_args!("{e}"));
-                    } else {
-                        self.drop_conn(idx, true, format_args!("{e}"));
-                    }
-                    return;
-                }
+                Err(e) => return self.lost(idx, format_args!("{e}")),
             };
-            let after = if conn.phase == Phase::Handshaking {
-                match self.handshake_input(idx, n) {
-                    Some(a) => a,
-                    None => return, // failed and removed
-                }
-            } else {
-                let data = &mut self.scratch[..n];
-                handle_frames(conn, data, &mut self.ctx, self.sending)
-            };
-            // Flush in every case: a close frame may be queued on the way out.
-            let flushed = self.flush(idx);
-            match (after, flushed) {
-                (After::Keep, After::Keep) => {}
-                (After::Keep, _) => return self.drop_conn(idx, true, format_args!("write failed")),
-                (After::DropError, _) => {
-                    return self.drop_conn(
-                        idx,
-                        true,
-                        format_args!("server sent close or broke the protocol"),
-                    )
-                }
+            if !self.consume(idx, n) {
+                return;
             }
         }
         let c = &self.conns[idx];
         self.again.push((idx, c.serial));
+    }
+
+    /// wss: reads TCP bytes into `tls_in`, feeds them to rustls record by record, and
+    /// hands the plaintext (read into `scratch`) to `consume`, as `on_readable` does.
+    fn on_readable_tls(&mut self, idx: usize) {
+        for _ in 0..READS_PER_TURN {
+            let conn = &mut self.conns[idx];
+            let n = match conn.stream.read(&mut self.tls_in) {
+                Ok(0) => return self.lost(idx, format_args!("connection closed by peer")),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.lost(idx, format_args!("{e}")),
+            };
+            let mut off = 0;
+            while off < n {
+                let conn = &mut self.conns[idx];
+                let Conn { stream, tls, .. } = conn;
+                let tls = tls.as_mut().expect("TLS connection");
+                match tls.read_tls(&mut &self.tls_in[off..n]) {
+                    Ok(0) => return self.lost(idx, format_args!("TLS: read_tls took nothing")),
+                    Ok(k) => off += k,
+                    Err(e) => return self.lost(idx, format_args!("TLS: {e}")),
+                }
+                if let Err(e) = tls.process_new_packets() {
+                    // Best effort: rustls has queued an alert for the server.
+                    let _ = tls.write_tls(stream);
+                    return self.lost(idx, format_args!("TLS: {e}"));
+                }
+                loop {
+                    let tls = self.conns[idx].tls.as_mut().expect("TLS connection");
+                    match tls.reader().read(&mut self.scratch) {
+                        Ok(0) => {
+                            return self.lost(idx, format_args!("server sent TLS close_notify"))
+                        }
+                        Ok(m) => {
+                            if !self.consume(idx, m) {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return self.lost(idx, format_args!("TLS: {e}")),
+                    }
+                }
+            }
+            // Handshake records (the client Finished) go out even when no plaintext came.
+            if self.flush(idx) != After::Keep {
+                return self.drop_conn(idx, true, format_args!("write failed"));
+            }
+        }
+        let c = &self.conns[idx];
+        self.again.push((idx, c.serial));
+    }
+
+    /// The connection ended unexpectedly: a handshake failure before the 101, else an error.
+    fn lost(&mut self, idx: usize, why: std::fmt::Arguments<'_>) {
+        if self.conns[idx].phase == Phase::Open {
+            self.drop_conn(idx, true, why);
+        } else {
+            self.fail(idx, why);
+        }
+    }
+
+    /// Handles `n` plaintext bytes in `scratch` (the upgrade answer or frames), then
+    /// flushes. Returns false if the connection was removed.
+    fn consume(&mut self, idx: usize, n: usize) -> bool {
+        let conn = &mut self.conns[idx];
+        let after = if conn.phase == Phase::Handshaking {
+            match self.handshake_input(idx, n) {
+                Some(a) => a,
+                None => return false, // failed and removed
+            }
+        } else {
+            let data = &mut self.scratch[..n];
+            handle_frames(conn, data, &mut self.ctx, self.sending)
+        };
+        // Flush in every case: a close frame may be queued on the way out.
+        let flushed = self.flush(idx);
+        match (after, flushed) {
+            (After::Keep, After::Keep) => true,
+            (After::Keep, _) => {
+                self.drop_conn(idx, true, format_args!("write failed"));
+                false
+            }
+            (After::DropError, _) => {
+                self.drop_conn(
+                    idx,
+                    true,
+                    format_args!("server sent close or broke the protocol"),
+                );
+                false
+            }
+        }
     }
 
     /// Handles bytes read while waiting for the 101. Returns None if the connection
@@ -810,6 +933,21 @@ impl Loader {
                 None
             }
             Ok(Some(head_len)) => {
+                if let Some(t) = conn.tls.as_deref() {
+                    match t.handshake_kind() {
+                        Some(HandshakeKind::Resumed) => &self.sh.tls_resumed,
+                        _ => &self.sh.tls_full,
+                    }
+                    .fetch_add(1, Relaxed);
+                    let mut first = self
+                        .sh
+                        .tls_negotiated
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if first.is_none() {
+                        *first = Some(crate::tls::describe(t));
+                    }
+                }
                 extra.accept = Vec::new();
                 let mut head = std::mem::take(&mut extra.head);
                 conn.extra = Some(extra);
@@ -907,6 +1045,26 @@ impl Loader {
         let conn = &mut self.conns[idx];
         let out = &mut self.ctx.out;
         let mut result = After::Keep;
+        if let Some(tls) = conn.tls.as_mut() {
+            // rustls encrypts into its own send buffer (unbounded, see tls::connect; before
+            // the handshake is done it keeps the plaintext); the socket takes what it can.
+            if !out.is_empty() {
+                if tls.writer().write_all(out).is_err() {
+                    result = After::DropError;
+                }
+                out.clear();
+            }
+            while result == After::Keep && tls.wants_write() {
+                match tls.write_tls(&mut conn.stream) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => result = After::DropError,
+                }
+            }
+            conn.trim_extra();
+            return result;
+        }
         if !out.is_empty() {
             if conn.pending() > 0 {
                 conn.extra

@@ -6,11 +6,13 @@
 mod check;
 #[cfg(test)]
 mod e2e_tests;
+mod handshakes;
 mod load;
 mod net;
 mod origin;
 mod report;
 mod rooms;
+mod tls;
 mod ws;
 
 use std::net::SocketAddr;
@@ -43,6 +45,105 @@ enum Cmd {
     Rooms(RoomsOpts),
     /// Combines the JSON files of the `rooms` processes that held one room.
     RoomsMerge(RoomsMergeOpts),
+    /// Connection-rate benchmark: connect + TLS handshake (full or resumed) + upgrade +
+    /// one echo + close, in a loop per slot.
+    Handshakes(HandshakesOpts),
+}
+
+/// TLS client options (`load`, `handshakes`).
+#[derive(Args, Debug, Clone)]
+struct TlsArgs {
+    /// Speak TLS to the target (wss://): rustls 0.23, aws-lc-rs provider.
+    #[arg(long)]
+    tls: bool,
+    /// Verify the server's certificate against the CA certificate(s) in this PEM file.
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    ca: Option<String>,
+    /// BENCHMARK ONLY: accept any certificate and handshake signature without checking, so
+    /// the client's verification cost cannot limit the run (loopback targets only).
+    #[arg(long)]
+    insecure: bool,
+    /// Server name for SNI (and, with --ca, the name the certificate must carry); default:
+    /// the host part of --target.
+    #[arg(long, value_name = "NAME")]
+    sni: Option<String>,
+    /// Key exchange groups offered: x25519 (default; what OpenSSL 3.0 and rustls servers
+    /// both pick), p256, x25519mlkem768, default (rustls's list, post-quantum hybrid first).
+    #[arg(long, default_value = "x25519")]
+    kx: String,
+    /// TLS versions offered: 1.2, 1.3 or any.
+    #[arg(long, default_value = "any")]
+    tls_version: String,
+}
+
+impl TlsArgs {
+    /// None without --tls; refuses TLS-only flags given without it.
+    fn opts(&self, target: &str, resume: bool) -> Result<Option<tls::TlsOpts>> {
+        if !self.tls {
+            if self.ca.is_some() || self.insecure || self.sni.is_some() {
+                bail!("--ca / --insecure / --sni need --tls");
+            }
+            return Ok(None);
+        }
+        let verify = match (&self.ca, self.insecure) {
+            (Some(ca), false) => tls::Verify::Ca(ca.clone()),
+            (None, true) => tls::Verify::Insecure,
+            _ => bail!("--tls needs --ca FILE (verify) or --insecure (benchmark-only: accept any certificate)"),
+        };
+        let o = tls::TlsOpts {
+            verify,
+            sni: self.sni.clone().unwrap_or_else(|| tls::default_sni(target)),
+            kx: tls::Kx::parse(&self.kx)?,
+            version: tls::Version::parse(&self.tls_version)?,
+            resume,
+        };
+        o.server_name()?;
+        Ok(Some(o))
+    }
+}
+
+#[derive(Args, Debug)]
+struct HandshakesOpts {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// Resume sessions: each slot offers the ticket its previous connection received.
+    #[arg(long, conflicts_with = "full")]
+    resume: bool,
+    /// Full handshakes only (resumption disabled in the client). The default.
+    #[arg(long)]
+    full: bool,
+    /// Connections in progress at once (slots).
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Measurement window in seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of connections before the window (not counted; lets every slot get a ticket).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Payload bytes of the one echoed message.
+    #[arg(long, default_value_t = 32)]
+    size: usize,
+    /// Event-loop threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Source addresses: an IPv4 range A-B (e.g. 127.0.1.1-127.0.1.254) or a list A,B,...
+    #[arg(long)]
+    sources: Option<String>,
+    /// A connection not through all its steps after this many seconds is a failure.
+    #[arg(long, default_value_t = 10.0)]
+    connect_timeout: f64,
+    /// Server process IDs (comma-separated) whose utime+stime is sampled over the window.
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// Write the JSON result to FILE ("-" = stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<String>,
+    /// Hard cap on the whole run in seconds.
+    #[arg(long, default_value_t = 600)]
+    max_seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -87,6 +188,11 @@ enum ModeOpt {
 struct LoadOpts {
     #[command(flatten)]
     target: Target,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// --tls: resume sessions (one shared client session store); default: full handshakes.
+    #[arg(long)]
+    resume: bool,
     /// hold: open and keep idle connections; throughput: closed-loop echo traffic.
     #[arg(long, value_enum, default_value_t = ModeOpt::Throughput)]
     mode: ModeOpt,
@@ -310,6 +416,17 @@ fn run(cli: Cli) -> Result<i32> {
             if trickle.is_some() && o.mode != ModeOpt::Hold {
                 bail!("--trickle only applies to --mode hold");
             }
+            if o.resume && !o.tls.tls {
+                bail!("--resume needs --tls");
+            }
+            let tls = match o.tls.opts(&o.target.target, o.resume)? {
+                None => None,
+                Some(t) => Some(load::TlsClient {
+                    config: std::sync::Arc::new(tls::client_config(&t, 256)?),
+                    name: t.server_name()?,
+                    opts: t,
+                }),
+            };
             let args = load::LoadArgs {
                 host: o
                     .target
@@ -335,6 +452,7 @@ fn run(cli: Cli) -> Result<i32> {
                 duration: secs("duration", o.duration)?,
                 threads: o.threads as usize,
                 max_seconds: o.max_seconds,
+                tls,
             };
             let r = load::run(args)?;
             r.emit(o.json.as_deref())?;
@@ -372,6 +490,42 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::RoomsMerge(o) => {
             let r = rooms::merge(&o.files)?;
+            r.emit(o.json.as_deref())?;
+            Ok(r.exit_code())
+        }
+        Cmd::Handshakes(o) => {
+            let target = net::loopback_target(&o.target.target)?;
+            if o.resume && !o.tls.tls {
+                bail!("--resume needs --tls");
+            }
+            if o.size > MAX_SIZE {
+                bail!("--size {}: at most {MAX_SIZE} bytes", o.size);
+            }
+            let sources = match o.sources.as_deref() {
+                Some(s) if s.contains('-') => net::Sources::parse(Some(s), None, target)?,
+                Some(s) => net::Sources::parse(None, Some(s), target)?,
+                None => net::Sources::parse(None, None, target)?,
+            };
+            let r = handshakes::run(handshakes::HsArgs {
+                host: o
+                    .target
+                    .host
+                    .clone()
+                    .unwrap_or_else(|| o.target.target.clone()),
+                path: o.target.path.clone(),
+                target,
+                target_str: o.target.target.clone(),
+                tls: o.tls.opts(&o.target.target, o.resume)?,
+                concurrency: o.concurrency,
+                warmup: secs("warmup", o.warmup)?,
+                duration: secs("duration", o.duration)?,
+                size: o.size,
+                threads: o.threads as usize,
+                sources,
+                connect_timeout: secs("connect-timeout", o.connect_timeout)?,
+                server_pids: o.server_pid.clone(),
+                max_seconds: o.max_seconds,
+            })?;
             r.emit(o.json.as_deref())?;
             Ok(r.exit_code())
         }
@@ -534,6 +688,80 @@ mod tests {
             "-",
         ])
         .unwrap();
+    }
+
+    #[test]
+    fn tls_flags() {
+        let cli = Cli::try_parse_from([
+            "relay-bench",
+            "handshakes",
+            "--target",
+            "127.0.0.1:8443",
+            "--tls",
+            "--insecure",
+            "--resume",
+            "--concurrency",
+            "8",
+            "--server-pid",
+            "12,34",
+        ])
+        .unwrap();
+        let Cmd::Handshakes(o) = cli.cmd else {
+            panic!("not handshakes")
+        };
+        assert_eq!(o.server_pid, [12, 34]);
+        let t = o.tls.opts("127.0.0.1:8443", o.resume).unwrap().unwrap();
+        assert!(t.resume);
+        assert_eq!(t.sni, "127.0.0.1");
+        assert_eq!(t.verify, tls::Verify::Insecure);
+        // --resume and --full exclude each other; --ca and --insecure too.
+        assert!(Cli::try_parse_from([
+            "relay-bench",
+            "handshakes",
+            "--target",
+            "127.0.0.1:1",
+            "--resume",
+            "--full"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "relay-bench",
+            "load",
+            "--target",
+            "127.0.0.1:1",
+            "--tls",
+            "--ca",
+            "a.pem",
+            "--insecure"
+        ])
+        .is_err());
+        // --tls without a verification choice, and TLS flags without --tls, are refused.
+        let cli = Cli::try_parse_from(["relay-bench", "load", "--target", "127.0.0.1:1", "--tls"])
+            .unwrap();
+        let e = run(cli).unwrap_err().to_string();
+        assert!(e.contains("--ca FILE") && e.contains("--insecure"), "{e}");
+        let cli = Cli::try_parse_from([
+            "relay-bench",
+            "load",
+            "--target",
+            "127.0.0.1:1",
+            "--sni",
+            "relay.test",
+        ])
+        .unwrap();
+        assert!(run(cli).unwrap_err().to_string().contains("need --tls"));
+        let cli = Cli::try_parse_from([
+            "relay-bench",
+            "load",
+            "--target",
+            "127.0.0.1:1",
+            "--tls",
+            "--insecure",
+            "--kx",
+            "ffdhe",
+        ])
+        .unwrap();
+        assert!(run(cli).unwrap_err().to_string().contains("--kx"));
     }
 
     #[test]

@@ -78,6 +78,23 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loader_rss_bytes_per_conn: Option<f64>,
     pub stopped_by_max_seconds: bool,
+    /// wss runs only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFigures>,
+}
+
+/// What the TLS side of a wss run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TlsFigures {
+    pub sni: String,
+    pub verify: String,
+    pub resume: bool,
+    /// Version, cipher suite, key exchange group and kind of the first handshake, e.g.
+    /// "TLSv1_3 TLS13_AES_256_GCM_SHA384 X25519 Full".
+    pub negotiated: Option<String>,
+    /// Connections upgraded after a full resp. a resumed handshake.
+    pub handshakes_full: u64,
+    pub handshakes_resumed: u64,
 }
 
 impl Report {
@@ -140,6 +157,16 @@ impl Report {
                 s.push_str(&format!(" ({per:.0} B per connection)"));
             }
             s.push('\n');
+        }
+        if let Some(t) = &self.tls {
+            s.push_str(&format!(
+                "tls: {}  full {}  resumed {}  (sni {}, verify {})\n",
+                t.negotiated.as_deref().unwrap_or("no handshake finished"),
+                t.handshakes_full,
+                t.handshakes_resumed,
+                t.sni,
+                t.verify
+            ));
         }
         s.push_str(&format!(
             "errors: {}  verify failures: {}{}\n",
