@@ -167,18 +167,23 @@ enum Goal {
     Close,
 }
 
-/// After an error: takes the alert rustls queued, if any, in one call. rustls hands out
-/// queued records before it looks at its input again, and looking again would parse the
-/// offending record a second time (a second fatal alert trips a debug assertion in rustls),
-/// so this never loops back into the state machine.
+/// After an error: takes what rustls queued (the flight it was building and the fatal
+/// alert). rustls hands out queued records before it looks at its input again, and looking
+/// again would parse an offending record a second time (a second fatal alert trips a debug
+/// assertion in rustls), so this asks only while something is queued.
 fn take_alert<D: Side>(
     conn: &mut UnbufferedConnectionCommon<D>,
     rest: &mut [u8],
     out: &mut Vec<u8>,
 ) {
-    let UnbufferedStatus { state, .. } = D::process(conn, rest);
-    if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
-        let _ = append(out, 64, |b| e.encode(b), encode_need);
+    while conn.wants_write() {
+        let UnbufferedStatus { state, .. } = D::process(conn, rest);
+        let Ok(ConnectionState::EncodeTlsData(mut e)) = state else {
+            return;
+        };
+        if append(out, 64, |b| e.encode(b), encode_need).is_err() {
+            return;
+        }
     }
 }
 

@@ -406,3 +406,25 @@ fn input_that_never_completes_a_record_is_bounded() {
     }
     assert!(failed || srv.carried() <= MAX_CARRY);
 }
+
+#[test]
+fn an_h2_only_client_hears_no_application_protocol() {
+    let pki = pki("alpn", &[("a", &["a.test"])]);
+    let srv_cfg = server(&pki, vec![pki.spec("a")]);
+    let mut cfg = (*pki.client(&[&rustls::version::TLS13])).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let mut client = connect(&Arc::new(cfg), "a.test");
+    let mut srv = TlsConn::server(&srv_cfg).unwrap();
+    let mut wire = Vec::new();
+    client.write_tls(&mut wire).unwrap();
+    let (mut plain, mut out) = (Vec::new(), Vec::new());
+    let e = srv.receive(&mut wire, &mut plain, &mut out).unwrap_err();
+    assert_eq!(e, rustls::Error::NoApplicationProtocol);
+    let mut rd = &out[..];
+    client.read_tls(&mut rd).unwrap();
+    let got = client.process_new_packets().unwrap_err();
+    assert_eq!(
+        got,
+        rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
+    );
+}
