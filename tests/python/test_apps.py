@@ -262,6 +262,16 @@ def test_echo_text_binary_and_1mib_round_trip(echo_apps):
 
     arun(go(), 20)
 
+    def counted():
+        return (
+            echo_apps.metric_sum("relay_app_messages_received_total"),
+            echo_apps.metric_sum("relay_app_frames_sent_total"),
+        )
+
+    # 12 messages echoed, plus relay's answer to the client's close frame; the 101 that
+    # opened the connection is not a frame.
+    wait_until(lambda: counted() == (12, 13), 5, what=f"app counters (12, 13), have {counted()}")
+
 
 def test_echo_answers_a_frame_sent_with_the_request_head(echo_apps):
     first = encode_frame(OP_TEXT, b"in the same write as the head", mask=True)

@@ -316,6 +316,8 @@ impl Meta {
 /// A frame on its way to an app client.
 #[derive(Debug)]
 pub enum Frame {
+    /// The `101 Switching Protocols` answer: queued like a frame, not counted as one.
+    Head(Vec<u8>),
     Owned(Vec<u8>),
     /// Framed once, sent to many (a room message).
     Shared(std::sync::Arc<[u8]>),

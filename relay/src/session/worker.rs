@@ -1647,7 +1647,7 @@ impl Worker {
         s.phase_since = self.now;
         s.last_active = self.now;
         let mut out = std::collections::VecDeque::new();
-        out.push_back(Frame::Owned(http::switching_response(&up.accept)));
+        out.push_back(Frame::Head(http::switching_response(&up.accept)));
         s.app = Some(Box::new(AppConn {
             kind,
             decoder: Decoder::new(DecoderConfig {
@@ -1947,10 +1947,14 @@ impl Worker {
         };
         s.down.sending = true;
         s.inflight += 1;
-        self.counters.app_frames_out += 1;
         match f {
-            Frame::Owned(v) => self.reactor.send_bytes(s.client, v, 0, ud),
+            Frame::Head(v) => self.reactor.send_bytes(s.client, v, 0, ud),
+            Frame::Owned(v) => {
+                self.counters.app_frames_out += 1;
+                self.reactor.send_bytes(s.client, v, 0, ud)
+            }
             Frame::Shared(b) => {
+                self.counters.app_frames_out += 1;
                 a.shared_off = 0;
                 self.reactor.send_shared(s.client, b, 0, ud);
             }

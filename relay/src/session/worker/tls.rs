@@ -590,15 +590,16 @@ impl Worker {
             let Some(f) = a.out.pop_front() else {
                 break;
             };
-            let b: &[u8] = match &f {
-                Frame::Owned(v) => v,
-                Frame::Shared(b) => b,
+            let (b, frame): (&[u8], u64) = match &f {
+                Frame::Head(v) => (v, 0),
+                Frame::Owned(v) => (v, 1),
+                Frame::Shared(b) => (b, 1),
             };
             if conn.send(b, pend).is_err() {
                 failed = true;
                 break;
             }
-            frames += 1;
+            frames += frame;
             bytes += b.len() as u64;
         }
         let closing_done = s.phase == Phase::AppClosing && a.close_sent && a.out.is_empty();
