@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates or refreshes the Python environment for tests/python: <repo>/.venv with the
 # pinned packages of tests/python/requirements.txt (websockets, pytest, pytest-timeout,
-# prometheus_client). Idempotent: when the venv exists and already holds exactly those
-# pins, it checks and returns without touching the network.
+# prometheus_client; trustme and cryptography for the TLS tests). Idempotent: when the venv
+# exists and already holds exactly those pins, it checks and returns without touching the
+# network.
 #
 #   scripts/setup-python.sh            create / update as needed
 #   scripts/setup-python.sh --force    reinstall the pins even if they look current
@@ -49,7 +50,7 @@ fi
 [[ -f "$venv/.gitignore" ]] || echo '*' >"$venv/.gitignore"
 
 if [[ $force -eq 0 && -f "$stamp" && "$(cat "$stamp")" == "$want" ]] \
-    && "$venv/bin/python" -c 'import websockets, pytest, pytest_timeout, prometheus_client' 2>/dev/null; then
+    && "$venv/bin/python" -c 'import websockets, pytest, pytest_timeout, prometheus_client, trustme, cryptography' 2>/dev/null; then
     say "requirements already installed ($(basename "$req") unchanged); nothing to do"
 else
     say "installing pinned requirements from ${req#"$root"/}"
@@ -60,7 +61,8 @@ fi
 
 "$venv/bin/python" - <<'EOF'
 import importlib.metadata as md
-for name in ("websockets", "pytest", "pytest-timeout", "prometheus_client"):
+for name in ("websockets", "pytest", "pytest-timeout", "prometheus_client", "trustme",
+             "cryptography"):
     print(f"setup-python:   {name}=={md.version(name)}")
 EOF
 say "run the suite with: .venv/bin/pytest tests/python"

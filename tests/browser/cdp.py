@@ -52,7 +52,15 @@ def find_chromium() -> str | None:
 
 
 class Chromium:
-    def __init__(self, binary: str, width: int = 1440, height: int = 1000) -> None:
+    def __init__(
+        self,
+        binary: str,
+        width: int = 1440,
+        height: int = 1000,
+        extra_flags: list[str] | None = None,
+    ) -> None:
+        """`extra_flags` go after the project's FLAGS (e.g. the TLS tests'
+        --ignore-certificate-errors-spki-list); the other tests pass none."""
         self.profile = tempfile.mkdtemp(prefix="relay-chromium-")
         self.log_path = Path(self.profile).with_suffix(".log")
         self._log = open(self.log_path, "wb")
@@ -60,6 +68,7 @@ class Chromium:
             [
                 binary,
                 *FLAGS,
+                *(extra_flags or []),
                 f"--user-data-dir={self.profile}",
                 "--remote-debugging-port=0",
                 "--remote-debugging-address=127.0.0.1",

@@ -188,3 +188,28 @@ def chromium():
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def start_chromium():
+    """Factory: start_chromium(extra_flags) -> a Chromium with those flags added to the
+    project's (cdp.FLAGS); each is stopped at teardown. `chromium` above is the same with
+    no extra flags."""
+    binary = find_chromium()
+    if binary is None:
+        pytest.fail(
+            "no Chromium: run scripts/setup-browser.sh (or set CHROMIUM=/path/to/chromium)",
+            pytrace=False,
+        )
+    started: list[Chromium] = []
+
+    def start(extra_flags: list[str] | None = None) -> Chromium:
+        c = Chromium(binary, extra_flags=extra_flags)
+        started.append(c)
+        return c
+
+    try:
+        yield start
+    finally:
+        for c in started:
+            c.stop()

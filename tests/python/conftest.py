@@ -12,6 +12,8 @@ it does not exit in time). Before a relay is stopped, teardown asserts that its
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import json
 import os
 import signal
@@ -20,6 +22,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -129,13 +132,15 @@ class ManagedProcess:
 
 
 class PyOrigin(ManagedProcess):
-    """origin_server.py: the Python `websockets` server as origin."""
+    """origin_server.py: the Python `websockets` server as origin (over TLS with `tls`)."""
 
-    def __init__(self) -> None:
-        super().__init__(
-            "python-origin",
-            [sys.executable, "-u", str(HERE / "origin_server.py"), "--port", "0"],
-        )
+    def __init__(self, tls: "CertFiles | None" = None, client_ca: Path | None = None) -> None:
+        argv = [sys.executable, "-u", str(HERE / "origin_server.py"), "--port", "0"]
+        if tls is not None:
+            argv += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            if client_ca is not None:
+                argv += ["--tls-client-ca", str(client_ca)]
+        super().__init__("python-origin" + ("-tls" if tls else ""), argv)
         line = self.wait_line("out", lambda l: '"ready"' in l, START_TIMEOUT, "ready event")
         self.port = json.loads(line)["port"]
         self.addr = f"127.0.0.1:{self.port}"
@@ -176,17 +181,32 @@ class EchoOrigin(ManagedProcess):
 class Relay(ManagedProcess):
     """The relay binary, started in quick mode or with a config file."""
 
-    def __init__(self, argv: list[str], listen: PortReservation, admin: PortReservation) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        listen: PortReservation,
+        admin: PortReservation,
+        extra_res: dict[str, PortReservation] | None = None,
+    ) -> None:
         env = dict(os.environ)
         env.setdefault("RELAY_LOG", "info")
         super().__init__("relay", argv, env=env)
         self.listen = listen
         self.admin_res = admin
+        # Further listeners ({LISTEN2} in a config, the plain --listen next to --listen-tls).
+        self.extra_res = dict(extra_res or {})
         self.port = listen.port
         self.addr = ("127.0.0.1", listen.port)
         self.url = f"ws://127.0.0.1:{listen.port}"
+        # The same listener when it is a TLS one: wss:// and https://.
+        self.wss_url = f"wss://127.0.0.1:{listen.port}"
         self.admin = f"http://127.0.0.1:{admin.port}"
-        self.wait_line("err", lambda l: "relay ready" in l, START_TIMEOUT, "'relay ready'")
+        try:
+            self.wait_line("err", lambda l: "relay ready" in l, START_TIMEOUT, "'relay ready'")
+        except BaseException:
+            # Not ready in time (or exited): stop it by PID so it does not outlive the test.
+            ManagedProcess.stop(self)
+            raise
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, str]:
         try:
@@ -230,6 +250,8 @@ class Relay(ManagedProcess):
         finally:
             self.listen.release()
             self.admin_res.release()
+            for r in self.extra_res.values():
+                r.release()
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -284,8 +306,13 @@ def start_relay(relay_bin, tmp_path):
     """Factory: start_relay(origin=ADDR) or start_relay(config=TOML).
 
     In a config, {LISTEN}, {ADMIN} and {ORIGIN} are replaced by the listener address, the
-    admin address and `origin`. Teardown checks the active gauge returned to 0, then stops
-    the relay by PID and checks that it drained and exited 0.
+    admin address and `origin`; {LISTEN2} (if present) by a second reserved address, kept
+    in `relay.extra_res["LISTEN2"]`. Teardown checks the active gauge returned to 0, then
+    stops the relay by PID and checks that it drained and exited 0.
+
+    TLS quick mode: start_relay(tls=CertFiles, origin=ADDR or None) runs
+    `relay --listen-tls ADDR --cert F --key F [--origin ADDR]` (no origin: the embedded
+    default apps); `plain_too=True` adds a plain `--listen` (in `relay.extra_res["plain"]`).
     """
     relays: list[Relay] = []
 
@@ -294,9 +321,29 @@ def start_relay(relay_bin, tmp_path):
         config: str | None = None,
         workers: int = 2,
         extra: list[str] | None = None,
+        tls: "CertFiles | None" = None,
+        plain_too: bool = False,
     ) -> Relay:
         listen, admin = PortReservation(), PortReservation()
-        if config is None:
+        extra_res: dict[str, PortReservation] = {}
+        if config is None and tls is not None:
+            argv = [
+                str(relay_bin),
+                "--listen-tls",
+                listen.addr,
+                "--cert",
+                str(tls.cert),
+                "--key",
+                str(tls.key),
+                "--admin",
+                admin.addr,
+            ]
+            if origin is not None:
+                argv += ["--origin", origin]
+            if plain_too:
+                extra_res["plain"] = PortReservation()
+                argv += ["--listen", extra_res["plain"].addr]
+        elif config is None:
             assert origin is not None
             argv = [
                 str(relay_bin),
@@ -308,6 +355,9 @@ def start_relay(relay_bin, tmp_path):
                 admin.addr,
             ]
         else:
+            if "{LISTEN2}" in config:
+                extra_res["LISTEN2"] = PortReservation()
+                config = config.replace("{LISTEN2}", extra_res["LISTEN2"].addr)
             text = (
                 config.replace("{LISTEN}", listen.addr)
                 .replace("{ADMIN}", admin.addr)
@@ -320,10 +370,12 @@ def start_relay(relay_bin, tmp_path):
         if DATA_PATH:
             argv += ["--data-path", DATA_PATH]
         try:
-            r = Relay(argv, listen, admin)
+            r = Relay(argv, listen, admin, extra_res)
         except BaseException:
             listen.release()
             admin.release()
+            for res in extra_res.values():
+                res.release()
             raise
         relays.append(r)
         return r
@@ -375,6 +427,129 @@ def echo_relay(echo_origin, start_relay):
     r = start_relay(origin=echo_origin.addr)
     r.origin = echo_origin
     return r
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class CertFiles:
+    """A certificate chain and its private key as PEM files, as relay's config names them."""
+
+    name: str
+    cert: Path  # PEM chain, leaf first
+    key: Path  # PEM private key
+    leaf_der: bytes
+
+    @property
+    def serial(self) -> int:
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(self.leaf_der).serial_number
+
+    def copy_to(self, cert: Path, key: Path) -> None:
+        """Writes this pair over other files (a certificate rotation, for SIGHUP)."""
+        cert.write_bytes(self.cert.read_bytes())
+        key.write_bytes(self.key.read_bytes())
+
+
+class Pki:
+    """Test certificates from `trustme`: one CA that clients and relay trust, and a second
+    CA nobody trusts. Files are written under one session directory."""
+
+    def __init__(self, directory: Path) -> None:
+        import trustme
+
+        self._trustme = trustme
+        self.dir = directory
+        self.ca = trustme.CA(organization_name="relay tests CA")
+        self.ca_file = directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        self.untrusted_ca = trustme.CA(organization_name="nobody trusts this CA")
+        self._n = itertools.count()
+        # relay's own listener: clients connect to 127.0.0.1 (no SNI) or name relay.test.
+        self.server = self.issue("server", "127.0.0.1", "localhost", "relay.test")
+        # An origin behind a TLS pool (tls_server_name = "origin.test").
+        self.origin = self.issue("origin", "origin.test", "127.0.0.1")
+        # The same names, signed by the CA relay does not trust.
+        self.rogue_origin = self.issue(
+            "rogue-origin", "origin.test", "127.0.0.1", ca=self.untrusted_ca
+        )
+
+    def issue(
+        self,
+        name: str,
+        *identities: str,
+        ca=None,
+        rsa: bool = False,
+        key_format: str = "native",
+        common_name: str | None = None,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+    ) -> CertFiles:
+        """A leaf for `identities` (DNS names, IPs). key_format: "native" (what trustme
+        writes: SEC1 for EC, PKCS#1 for RSA) or "pkcs8"."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        ca = ca or self.ca
+        kt = self._trustme.KeyType.RSA if rsa else self._trustme.KeyType.ECDSA
+        leaf = ca.issue_cert(
+            *identities,
+            common_name=common_name,
+            not_before=not_before,
+            not_after=not_after,
+            key_type=kt,
+        )
+        stem = f"{name}-{next(self._n)}"
+        cert = self.dir / f"{stem}.pem"
+        key = self.dir / f"{stem}.key"
+        chain = b"".join(b.bytes() for b in leaf.cert_chain_pems)
+        cert.write_bytes(chain)
+        key_pem = leaf.private_key_pem.bytes()
+        if key_format == "pkcs8":
+            k = serialization.load_pem_private_key(key_pem, password=None)
+            key_pem = k.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        else:
+            assert key_format == "native", key_format
+        key.write_bytes(key_pem)
+        der = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+        return CertFiles(name, cert, key, der)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def tls_origin(pki):
+    """origin_server.py over TLS with a certificate for origin.test / 127.0.0.1 from the CA."""
+    o = PyOrigin(tls=pki.origin)
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def mtls_origin(pki):
+    """A TLS origin that demands a client certificate signed by the test CA."""
+    o = PyOrigin(tls=pki.origin, client_ca=pki.ca_file)
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def rogue_tls_origin(pki):
+    """origin_server.py over TLS with a certificate from a CA relay does not trust."""
+    o = PyOrigin(tls=pki.rogue_origin)
+    yield o
+    o.stop()
 
 
 def pytest_report_header(config):

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import os
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -173,11 +174,107 @@ def read_answer(sock: socket.socket, to_eof: bool = True) -> HttpAnswer:
     return ans
 
 
-def raw_request(addr: tuple[str, int], request: bytes, timeout: float = 5.0) -> HttpAnswer:
-    """Sends `request` on a fresh connection, returns the answer read until the peer closes."""
-    with socket.create_connection(addr, timeout=timeout) as s:
+def raw_request(
+    addr: tuple[str, int],
+    request: bytes,
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> HttpAnswer:
+    """Sends `request` on a fresh connection, returns the answer read until the peer closes.
+    With `tls`, over a TLS connection made with that client context (see tls_connect)."""
+    if tls is not None:
+        s = tls_connect(addr, tls, server_hostname, timeout=timeout)
+    else:
+        s = socket.create_connection(addr, timeout=timeout)
+    with s:
         s.sendall(request)
         return read_answer(s, to_eof=True)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def tls_client_context(
+    ca_file=None,
+    version: ssl.TLSVersion | None = None,
+    verify: bool = True,
+) -> ssl.SSLContext:
+    """A client context (OpenSSL, through the stdlib `ssl` module) trusting `ca_file`.
+    `version` pins both the minimum and maximum protocol version."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if verify:
+        ctx.load_verify_locations(cafile=str(ca_file))
+    else:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        ctx.minimum_version = version
+        ctx.maximum_version = version
+    return ctx
+
+
+def tls_connect(
+    addr: tuple[str, int],
+    ctx: ssl.SSLContext,
+    server_hostname: str | None = "127.0.0.1",
+    session: ssl.SSLSession | None = None,
+    timeout: float = 10.0,
+) -> ssl.SSLSocket:
+    """TCP connect and a complete TLS handshake. `server_hostname` is both the SNI sent and
+    the name verified (an IP address is verified but, as RFC 6066 says, not sent as SNI;
+    None sends no SNI and needs ctx.check_hostname off)."""
+    raw = socket.create_connection(addr, timeout=timeout)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        return ctx.wrap_socket(raw, server_hostname=server_hostname, session=session)
+    except BaseException:
+        raw.close()
+        raise
+
+
+def client_hello(ctx: ssl.SSLContext, server_hostname: str | None = "relay.test") -> bytes:
+    """The bytes of the ClientHello `ctx` would send (its first flight), made in memory."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    assert hello[:1] == b"\x16", hello[:16]
+    return hello
+
+
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, str]:
+    """Reads until the peer closes; returns (bytes read, "eof" | "reset"). Raises
+    socket.timeout when the peer keeps the connection open past `timeout`."""
+    sock.settimeout(timeout)
+    out = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return bytes(out), "reset"
+        if not chunk:
+            return bytes(out), "eof"
+        out += chunk
+
+
+def tls_alerts(data: bytes) -> list[tuple[int, int]]:
+    """(level, description) of every plaintext TLS alert record in `data` (bytes a server
+    sent before the handshake's keys are in use); raises if a record is not an alert."""
+    alerts = []
+    i = 0
+    while i < len(data):
+        assert len(data) - i >= 5, f"truncated record header: {data[i:]!r}"
+        ctype, _ver, n = data[i], data[i + 1 : i + 3], struct.unpack("!H", data[i + 3 : i + 5])[0]
+        body = data[i + 5 : i + 5 + n]
+        assert ctype == 0x15, f"record type {ctype:#x}, not an alert: {data[i:i + 16]!r}"
+        assert len(body) == n == 2, f"alert record of {n} bytes: {data!r}"
+        alerts.append((body[0], body[1]))
+        i += 5 + n
+    return alerts
 
 
 # --------------------------------------------------------------------------- frames
@@ -243,10 +340,17 @@ class RawWs:
         path: str = "/",
         first_frame: bytes | None = None,
         timeout: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = "127.0.0.1",
+        session: ssl.SSLSession | None = None,
     ) -> "RawWs":
-        """Upgrades; with `first_frame`, the head and that frame go out in one write."""
-        sock = socket.create_connection(addr, timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """Upgrades; with `first_frame`, the head and that frame go out in one write.
+        With `tls`, over TLS (see tls_connect): `ws.sock` is then an ssl.SSLSocket."""
+        if tls is not None:
+            sock = tls_connect(addr, tls, server_hostname, session=session, timeout=timeout)
+        else:
+            sock = socket.create_connection(addr, timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         req, key = upgrade_request(f"{addr[0]}:{addr[1]}", path)
         ws = cls(sock)
         if first_frame is not None:

@@ -1,6 +1,9 @@
 """A WebSocket origin on the Python `websockets` server, run as its own process by conftest.
 
-    python origin_server.py [--port 0]
+    python origin_server.py [--port 0] [--tls-cert PEM --tls-key PEM [--tls-client-ca PEM]]
+
+With --tls-cert/--tls-key it serves wss:// (the stdlib `ssl` module) instead of ws://; with
+--tls-client-ca it also demands a client certificate signed by that CA (mTLS).
 
 Prints one JSON object per line on stdout: first {"event": "ready", "port": N}, then an
 "open" event per upgraded connection and a "closed" event when it ends (with the close code
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 import sys
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -89,7 +93,17 @@ async def handler(ws: ServerConnection) -> None:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--tls-cert", help="PEM certificate chain: serve over TLS")
+    ap.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    ap.add_argument("--tls-client-ca", help="demand a client certificate signed by this CA")
     args = ap.parse_args()
+    tls = None
+    if args.tls_cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            tls.verify_mode = ssl.CERT_REQUIRED
+            tls.load_verify_locations(cafile=args.tls_client_ca)
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
@@ -105,6 +119,7 @@ async def main() -> None:
         max_queue=64,
         ping_interval=None,
         close_timeout=5,
+        ssl=tls,
     ) as server:
         port = server.sockets[0].getsockname()[1]
         emit(event="ready", port=port)

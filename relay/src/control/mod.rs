@@ -261,6 +261,28 @@ pub fn run(cfg: Config) -> Result<(), String> {
         if handles.iter().all(|h| h.thread.is_finished()) {
             break;
         }
+        if draining_since.is_none() && handles.iter().any(|h| h.thread.is_finished()) {
+            // A worker ended without being asked to: it panicked. Its connections are gone;
+            // stop the others and exit non-zero so the supervisor (systemd
+            // Restart=on-failure) starts a fresh process.
+            tracing::error!("a worker thread ended unexpectedly; stopping relay");
+            control.drain.store(true, Ordering::Release);
+            control.stop.store(true, Ordering::Release);
+            for h in handles {
+                if h.thread.join().is_err() {
+                    tracing::error!(worker = h.id, "worker thread panicked");
+                }
+            }
+            if let Some(a) = admin {
+                a.stop();
+            }
+            if let Some(a) = access_log {
+                a.finish();
+            }
+            return Err(
+                "a worker thread panicked (see the log above); exiting with failure".into(),
+            );
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     for h in handles {

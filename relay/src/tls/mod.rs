@@ -56,7 +56,15 @@ pub struct TlsConn {
     established: bool,
     peer_closed: bool,
     close_sent: bool,
+    /// rustls reported an error: the connection is finished and every call now fails (its
+    /// state may point into input this driver has dropped).
+    failed: bool,
 }
+
+/// Unprocessed ciphertext a connection may hold. An established connection needs at most
+/// one record (16 KiB + overhead); a handshake message split into tiny records can need
+/// more, up to this.
+const MAX_CARRY: usize = 128 * 1024;
 
 impl std::fmt::Debug for TlsConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,6 +167,21 @@ enum Goal {
     Close,
 }
 
+/// After an error: takes the alert rustls queued, if any, in one call. rustls hands out
+/// queued records before it looks at its input again, and looking again would parse the
+/// offending record a second time (a second fatal alert trips a debug assertion in rustls),
+/// so this never loops back into the state machine.
+fn take_alert<D: Side>(
+    conn: &mut UnbufferedConnectionCommon<D>,
+    rest: &mut [u8],
+    out: &mut Vec<u8>,
+) {
+    let UnbufferedStatus { state, .. } = D::process(conn, rest);
+    if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+        let _ = append(out, 64, |b| e.encode(b), encode_need);
+    }
+}
+
 /// Runs rustls's state machine over `incoming` until it needs more input (Read) or has done
 /// the write. Returns how many bytes of `incoming` were consumed.
 fn drive<D: Side>(
@@ -254,6 +277,7 @@ impl TlsConn {
             established: false,
             peer_closed: false,
             close_sent: false,
+            failed: false,
         }
     }
 
@@ -292,6 +316,14 @@ impl TlsConn {
         out: &mut Vec<u8>,
     ) -> Result<Progress, Error> {
         let mut progress = Progress::default();
+        if self.failed {
+            return Err(Error::General("TLS connection already failed".into()));
+        }
+        if self.peer_closed {
+            // Nothing the peer sends after close_notify is read; dropping it keeps a peer
+            // that goes on sending from growing the carry.
+            return Ok(progress);
+        }
         let mut carry = std::mem::take(&mut self.carry);
         let result = if carry.is_empty() {
             // The common case: whole records in the buffer the receive filled.
@@ -313,12 +345,23 @@ impl TlsConn {
             r
         };
         if let Err((_, e)) = result {
-            // rustls may have queued an alert. It must see the input it has not consumed
-            // (its handshake reassembly points into it), so pass exactly that.
-            let mut sink = Vec::new();
-            let mut p = Progress::default();
-            let _ = self.run(&mut carry, Goal::Read, &[], &mut sink, out, &mut p);
+            // rustls may have queued an alert; it must see the input it has not consumed
+            // (its handshake reassembly points into it).
+            match &mut self.conn {
+                Conn::Server(c) => take_alert(c, &mut carry, out),
+                Conn::Client(c) => take_alert(c, &mut carry, out),
+            }
+            self.failed = true;
             return Err(e);
+        }
+        if progress.peer_closed {
+            // Whatever followed close_notify is never read.
+            carry = Vec::new();
+        } else if carry.len() > MAX_CARRY {
+            self.failed = true;
+            return Err(Error::General(format!(
+                "more than {MAX_CARRY} bytes of TLS input without a complete record"
+            )));
         }
         if !carry.is_empty() {
             self.carry = carry;
@@ -338,6 +381,9 @@ impl TlsConn {
         if data.is_empty() {
             return Ok(());
         }
+        if self.failed {
+            return Err(Error::General("TLS connection already failed".into()));
+        }
         let mut carry = std::mem::take(&mut self.carry);
         let mut plain = Vec::new();
         let mut p = Progress::default();
@@ -348,7 +394,7 @@ impl TlsConn {
 
     /// Appends close_notify to `out` (once).
     pub fn close(&mut self, out: &mut Vec<u8>) -> Result<(), Error> {
-        if self.close_sent || !self.established {
+        if self.close_sent || !self.established || self.failed {
             return Ok(());
         }
         self.close_sent = true;
@@ -362,7 +408,11 @@ impl TlsConn {
 
     fn restore_carry(&mut self, mut carry: Vec<u8>, r: &Result<usize, (usize, Error)>) {
         let used = match r {
-            Ok(n) | Err((n, _)) => *n,
+            Ok(n) => *n,
+            Err((n, _)) => {
+                self.failed = true;
+                *n
+            }
         };
         carry.drain(..used.min(carry.len()));
         if !carry.is_empty() {

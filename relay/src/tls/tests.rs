@@ -322,3 +322,87 @@ fn idle_connection_state_is_small() {
         std::mem::size_of::<TlsConn>()
     );
 }
+
+// Regressions from the tls_server fuzz target (relay/fuzz/artifacts/tls_server/).
+
+#[test]
+fn a_bad_record_fails_once_and_every_later_call_fails_cleanly() {
+    let pki = pki("badrec", &[("a", &["a.test"])]);
+    let srv_cfg = server(&pki, vec![pki.spec("a")]);
+    // Content type 0 (invalid): one fatal alert (a second one would trip rustls's debug
+    // assertion), an error, and from then on errors without touching rustls's state.
+    let mut srv = TlsConn::server(&srv_cfg).unwrap();
+    let mut rec = vec![0x00, 0x03, 0x03, 0x00, 0x01, 0x00];
+    let (mut plain, mut out) = (Vec::new(), Vec::new());
+    assert!(srv.receive(&mut rec, &mut plain, &mut out).is_err());
+    assert!(out.len() < 64, "one alert at most: {out:?}");
+    assert!(srv
+        .receive(&mut [0x16, 0x03], &mut plain, &mut out)
+        .is_err());
+    assert!(srv.send(b"x", &mut out).is_err());
+    assert!(srv.close(&mut out).is_ok());
+    // Half a ClientHello (its 4-byte header, kept by rustls's reassembly), then a bad record
+    // in the same input, then a send: no stale offsets into dropped input.
+    let mut srv = TlsConn::server(&srv_cfg).unwrap();
+    let mut input = vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0x00, 0x10];
+    input.extend_from_slice(&[0x00, 0x00, 0x00, 0x00, 0x00]);
+    let _ = srv.receive(&mut input, &mut plain, &mut Vec::new());
+    let _ = srv.send(b"after", &mut Vec::new());
+    let _ = srv.receive(&mut [0x16], &mut plain, &mut Vec::new());
+    // The same bad record after a completed handshake.
+    let mut client = connect(&pki.client(&[&rustls::version::TLS13]), "a.test");
+    let mut srv = TlsConn::server(&srv_cfg).unwrap();
+    pump(&mut client, &mut srv, 4096);
+    let mut rec = vec![0x00, 0x03, 0x03, 0x00, 0x01, 0x00];
+    assert!(srv.receive(&mut rec, &mut plain, &mut Vec::new()).is_err());
+    assert!(srv.send(b"x", &mut Vec::new()).is_err());
+}
+
+#[test]
+fn input_after_close_notify_is_dropped() {
+    let pki = pki("afterclose", &[("a", &["a.test"])]);
+    let srv_cfg = server(&pki, vec![pki.spec("a")]);
+    let mut client = connect(&pki.client(&[&rustls::version::TLS13]), "a.test");
+    let mut srv = TlsConn::server(&srv_cfg).unwrap();
+    pump(&mut client, &mut srv, 4096);
+    client.send_close_notify();
+    let mut wire = Vec::new();
+    client.write_tls(&mut wire).unwrap();
+    wire.extend_from_slice(&[0x17; 40_000]);
+    let (mut plain, mut out) = (Vec::new(), Vec::new());
+    assert!(
+        srv.receive(&mut wire, &mut plain, &mut out)
+            .unwrap()
+            .peer_closed
+    );
+    assert_eq!(srv.carried(), 0);
+    for _ in 0..10 {
+        let mut more = vec![0x17; 20_000];
+        srv.receive(&mut more, &mut plain, &mut out).unwrap();
+        assert_eq!(srv.carried(), 0);
+    }
+    assert!(plain.is_empty());
+    srv.close(&mut out).unwrap();
+}
+
+#[test]
+fn input_that_never_completes_a_record_is_bounded() {
+    let pki = pki("bounded", &[("a", &["a.test"])]);
+    let srv_cfg = server(&pki, vec![pki.spec("a")]);
+    let mut srv = TlsConn::server(&srv_cfg).unwrap();
+    // A handshake record header announcing a 64 KiB ClientHello, delivered in 1-byte
+    // records: rustls keeps collecting; the driver gives up past MAX_CARRY.
+    let mut first = vec![0x16, 0x03, 0x01, 0x00, 0x04, 0x01, 0x00, 0xff, 0xff];
+    let (mut plain, mut out) = (Vec::new(), Vec::new());
+    srv.receive(&mut first, &mut plain, &mut out).unwrap();
+    let mut failed = false;
+    for _ in 0..100_000 {
+        let mut rec = vec![0x16, 0x03, 0x01, 0x00, 0x01, 0xAB];
+        if srv.receive(&mut rec, &mut plain, &mut out).is_err() {
+            failed = true;
+            break;
+        }
+        assert!(srv.carried() <= MAX_CARRY);
+    }
+    assert!(failed || srv.carried() <= MAX_CARRY);
+}
