@@ -558,8 +558,10 @@ run_idle() {
 
 # ---------------------------------------------------------------- run the cells
 # Disturbance of a run: the share of CPU 0 that something other than the proxy and
-# ksoftirqd/0 (network softirq work deferred from the proxy's own sends) used. The proxy's
-# own run-queue wait is no measure: relay's threads wait behind its worker there.
+# ksoftirqd/0 (network softirq work deferred from the proxy's own sends) used. Neither
+# measure is clean on a shared machine: other tasks fill the CPU time an unsaturated proxy
+# leaves idle (so this one favours a saturated proxy), and a proxy that sleeps and wakes
+# often waits behind them after each wake-up (its run-queue wait, also reported).
 noise_of() { jq -r '.other_cpu0_pct // .proxy_runq_wait_pct // 0 | round' <<<"$1"; }
 # other_cpu_pct BUSY_JIFFIES TOTAL_JIFFIES PROXY_TICKS: % of the CPU's time not the proxy's.
 other_cpu_pct() {
