@@ -12,10 +12,11 @@
 //!   into the client's stream, a client record is corrupted, the server sends, either side
 //!   closes, the client updates its keys, and what is queued is delivered ([`check_session`]).
 //!
-//! Invariants: no call panics, including receive/send/close after one returned an error;
-//! `carried()` stays within what rustls can hold (one record once established, a maximal
-//! handshake message cut into the smallest records before); raw bytes never complete a
-//! handshake or yield plaintext; in a session, the server's plaintext is always a prefix of
+//! Invariants: no call panics; once a call returned an error every later receive and send
+//! fails and close succeeds, all without output; after the peer's close_notify a receive
+//! succeeds and drops its input; `carried()` never exceeds `MAX_CARRY` (128 KiB), one record
+//! once established, nothing after close_notify; raw bytes never complete a handshake or
+//! yield plaintext; in a session, the server's plaintext is always a prefix of
 //! what the client wrote and equal to it when nothing was slipped in and nothing failed;
 //! while the server has had no error and has not closed, `send` succeeds, writes records,
 //! and the real client decrypts exactly the bytes sent.
@@ -42,16 +43,20 @@ pub const MAX_WIRE: usize = 16384 + 2048 + 5;
 /// Largest handshake message rustls reassembles: 0xffff body + 4 header bytes.
 pub const MAX_HANDSHAKE: usize = 0xffff + 4;
 
+/// The most unprocessed input `TlsConn` keeps (its private `MAX_CARRY`): past it the receive
+/// fails.
+pub const MAX_CARRY: usize = 128 * 1024;
+
 /// What `carried()` may hold. Once established, only a record cut by the end of a receive
 /// (plaintext handshake fragments are no longer accepted). Before, rustls reassembles a
 /// handshake message in place and keeps every record that carries a piece of it until the
-/// message is whole: at worst each piece is one byte behind a 5-byte header, plus a record
-/// still arriving.
+/// message is whole (at worst each piece one byte behind a 5-byte header, plus a record
+/// still arriving: 6 × `MAX_HANDSHAKE` + `MAX_WIRE`), which `TlsConn` cuts at `MAX_CARRY`.
 pub fn carry_bound(established: bool) -> usize {
     if established {
         MAX_WIRE
     } else {
-        6 * MAX_HANDSHAKE + MAX_WIRE
+        MAX_CARRY.min(6 * MAX_HANDSHAKE + MAX_WIRE)
     }
 }
 
@@ -148,11 +153,22 @@ fn max_chunk(bits: u8) -> usize {
 
 /// `RELAY_FUZZ_TLS_WORKER_ONLY=1`: make only the calls relay's worker makes, that is
 /// nothing more on a connection after its first error and no more input after the peer's
-/// close_notify. Off by default (every call sequence is fair); on, a campaign can look past
-/// the known findings of docs/fuzzing.md for anything else.
+/// close_notify. Off by default (every call sequence is fair, and checked: see
+/// [`poke_after_error`] and [`receive`]).
 pub fn worker_only() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("RELAY_FUZZ_TLS_WORKER_ONLY").is_ok_and(|v| v == "1"))
+}
+
+/// `RELAY_FUZZ_TLS_CLEAN_AFTER_CLOSE=1`: once the server has sent close_notify, no more
+/// input reaches it if bytes the client did not write were slipped into its stream. rustls
+/// marks its own close_notify as a fatal alert sent, so any bad record after it trips
+/// rustls's `debug_assert!(!self.sent_fatal_alert)` under `-a` (docs/fuzzing.md, finding 4);
+/// this lets an `-a` campaign look past that for anything else, all other call sequences
+/// staying fair.
+pub fn clean_after_close() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RELAY_FUZZ_TLS_CLEAN_AFTER_CLOSE").is_ok_and(|v| v == "1"))
 }
 
 /// Whether calls go on after the server's first error (receive of further input, send,
@@ -161,36 +177,78 @@ pub fn after_error() -> bool {
     !worker_only()
 }
 
-/// Calls that must not panic once the connection has failed (the worker closes it, but
-/// the driver must stay sound whatever its caller does next).
+/// Calls made once the connection has failed (the worker closes it, but the driver must
+/// stay sound whatever its caller does next): every receive and send fails, close succeeds,
+/// none of them writes anything, decrypts anything or grows the carry.
 fn poke_after_error(srv: &mut TlsConn) {
     if !after_error() {
         return;
     }
     let mut sink = Vec::new();
-    let _ = srv.send(b"after an error", &mut sink);
-    let _ = srv.close(&mut sink);
-    let _ = srv.receive(&mut [], &mut Vec::new(), &mut sink);
-    let _ = srv.send(b"and again", &mut sink);
+    let mut plain = Vec::new();
+    let carried = srv.carried();
+    let r = srv.send(b"after an error", &mut sink);
+    assert!(r.is_err(), "send after an error succeeded");
+    let r = srv.close(&mut sink);
+    assert!(r.is_ok(), "close after an error: {r:?}");
+    let r = srv.receive(&mut [], &mut plain, &mut sink);
+    assert!(r.is_err(), "an empty receive after an error: {r:?}");
+    let mut rec = [0x17, 3, 3, 0, 1, 0];
+    let r = srv.receive(&mut rec, &mut plain, &mut sink);
+    assert!(r.is_err(), "a receive after an error: {r:?}");
+    let r = srv.send(b"and again", &mut sink);
+    assert!(r.is_err(), "send after an error succeeded");
+    assert!(sink.is_empty(), "{} bytes after an error", sink.len());
+    assert!(plain.is_empty(), "plaintext after an error");
+    assert!(srv.carried() <= carried, "the carry grew after an error");
+    assert!(srv.carried() <= MAX_CARRY);
 }
 
-/// `last`: the size of the receive just made. Once the peer has sent close_notify rustls
-/// reads nothing more and `TlsConn` keeps whatever followed it; with `worker_only` (no
-/// receive after that one) the bound is relaxed by that receive's size, else it stands and
-/// catches the carry growing with every receive (docs/fuzzing.md, findings).
-fn check_carry(srv: &TlsConn, fed: usize, last: usize) {
+/// The server's receive, with what the call's state says it must do: on a failed
+/// connection fail without output; after the peer's close_notify succeed, drop the input
+/// and do nothing else.
+fn receive(
+    srv: &mut TlsConn,
+    failed: bool,
+    data: &mut [u8],
+    plain: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<relay::tls::Progress, rustls::Error> {
+    let closed = srv.peer_closed();
+    let (plain_len, out_len) = (plain.len(), out.len());
+    let r = srv.receive(data, plain, out);
+    if failed {
+        assert!(r.is_err(), "a receive after an error: {r:?}");
+        assert_eq!(out.len(), out_len, "a receive after an error wrote");
+        assert_eq!(plain.len(), plain_len, "a receive after an error decrypted");
+    } else if closed {
+        assert_eq!(
+            r,
+            Ok(relay::tls::Progress::default()),
+            "a receive after close_notify"
+        );
+        assert_eq!(out.len(), out_len, "a receive after close_notify wrote");
+        assert_eq!(plain.len(), plain_len, "plaintext after close_notify");
+    }
+    r
+}
+
+/// `carried()` never exceeds what was received, `MAX_CARRY`, one record once established,
+/// and is nothing once the peer has said close_notify (what followed it is dropped).
+fn check_carry(srv: &TlsConn, fed: usize) {
     let c = srv.carried();
     assert!(c <= fed, "carrying {c} bytes of {fed} received");
-    let mut bound = carry_bound(srv.established());
-    if srv.peer_closed() && worker_only() {
-        bound += last;
-    }
+    assert!(c <= MAX_CARRY, "carrying {c} bytes, more than MAX_CARRY");
+    let bound = carry_bound(srv.established());
     assert!(
         c <= bound,
         "carrying {c} bytes (established: {}, peer closed: {}, bound {bound})",
         srv.established(),
         srv.peer_closed()
     );
+    if srv.peer_closed() {
+        assert_eq!(c, 0, "carrying {c} bytes after close_notify");
+    }
 }
 
 /// Mode (a): `knob` bits 1–3 pick the largest chunk, bit 4 a TLS 1.3-only server, bit 5
@@ -208,8 +266,8 @@ pub fn check_raw(knob: u8, seed: u16, stream: &[u8]) {
     {
         let mut buf = piece.to_vec();
         fed += buf.len();
-        let r = srv.receive(&mut buf, &mut plain, &mut out);
-        check_carry(&srv, fed, piece.len());
+        let r = receive(&mut srv, failed, &mut buf, &mut plain, &mut out);
+        check_carry(&srv, fed);
         match r {
             Err(_) => {
                 failed = true;
@@ -219,7 +277,8 @@ pub fn check_raw(knob: u8, seed: u16, stream: &[u8]) {
                 }
             }
             Ok(p) => {
-                assert!(!p.established || failed, "a handshake from raw bytes");
+                assert!(!failed, "a receive succeeded after an error");
+                assert!(!p.established, "a handshake from raw bytes");
                 if srv.peer_closed() && worker_only() {
                     break;
                 }
@@ -229,16 +288,25 @@ pub fn check_raw(knob: u8, seed: u16, stream: &[u8]) {
             let before = out.len();
             let r = srv.send(b"before the handshake", &mut out);
             assert!(r.is_err(), "send before the handshake succeeded");
-            assert!(
-                out.len() == before || failed,
+            assert_eq!(
+                out.len(),
+                before,
                 "send before the handshake wrote {} bytes",
                 out.len() - before
             );
+            // An error like any other: the connection is finished.
+            failed = true;
+            poke_after_error(&mut srv);
+            if !after_error() {
+                break;
+            }
         }
     }
     assert!(!srv.established(), "a handshake from raw bytes");
     assert!(plain.is_empty(), "plaintext from raw bytes: {plain:?}");
-    poke_after_error(&mut srv);
+    if failed {
+        poke_after_error(&mut srv);
+    }
 }
 
 /// Reads knob and operation bytes off the input.
@@ -343,12 +411,19 @@ impl Session {
             if (self.srv_failed || self.srv.peer_closed()) && worker_only() {
                 return;
             }
+            if self.srv_closed && self.tainted && clean_after_close() {
+                return;
+            }
             let mut buf = piece.to_vec();
             self.fed += buf.len();
-            let r = self
-                .srv
-                .receive(&mut buf, &mut self.srv_plain, &mut self.back);
-            check_carry(&self.srv, self.fed, piece.len());
+            let r = receive(
+                &mut self.srv,
+                self.srv_failed,
+                &mut buf,
+                &mut self.srv_plain,
+                &mut self.back,
+            );
+            check_carry(&self.srv, self.fed);
             if r.is_err() {
                 self.srv_failed = true;
                 poke_after_error(&mut self.srv);
@@ -530,8 +605,17 @@ pub fn check_session(knob: u8, ops: &[u8]) {
                     data.push(b'!');
                 }
                 if s.srv_failed && !after_error() {
-                } else if s.srv_failed || s.srv_closed {
-                    let _ = s.srv.send(&data, &mut Vec::new());
+                } else if s.srv_failed {
+                    let mut sink = Vec::new();
+                    let r = s.srv.send(&data, &mut sink);
+                    assert!(r.is_err(), "send after an error succeeded");
+                    assert!(sink.is_empty(), "send after an error wrote");
+                } else if s.srv_closed {
+                    // After its own close_notify: anything but a panic, and an error is final.
+                    if s.srv.send(&data, &mut Vec::new()).is_err() {
+                        s.srv_failed = true;
+                        poke_after_error(&mut s.srv);
+                    }
                 } else {
                     let before = s.back.len();
                     let r = s.srv.send(&data, &mut s.back);
@@ -551,8 +635,12 @@ pub fn check_session(knob: u8, ops: &[u8]) {
             // The server says close_notify.
             5 if s.srv_failed && !after_error() => {}
             5 => {
+                let before = s.back.len();
                 let r = s.srv.close(&mut s.back);
-                if !s.srv_failed {
+                if s.srv_failed {
+                    assert!(r.is_ok(), "close after an error: {r:?}");
+                    assert_eq!(s.back.len(), before, "close after an error wrote");
+                } else {
                     assert!(r.is_ok(), "close on a healthy connection: {r:?}");
                 }
                 s.srv_closed = true;
@@ -599,9 +687,16 @@ pub fn check_session(knob: u8, ops: &[u8]) {
             14 => s.to_client(),
             // The server's receive with nothing new (an empty read).
             _ if (s.srv_failed || s.srv.peer_closed()) && worker_only() => {}
+            _ if s.srv_closed && s.tainted && clean_after_close() => {}
             _ => {
-                let r = s.srv.receive(&mut [], &mut s.srv_plain, &mut s.back);
-                check_carry(&s.srv, s.fed, 0);
+                let r = receive(
+                    &mut s.srv,
+                    s.srv_failed,
+                    &mut [],
+                    &mut s.srv_plain,
+                    &mut s.back,
+                );
+                check_carry(&s.srv, s.fed);
                 if r.is_err() {
                     s.srv_failed = true;
                     poke_after_error(&mut s.srv);
@@ -610,7 +705,9 @@ pub fn check_session(knob: u8, ops: &[u8]) {
         }
     }
     s.settle(1, 1 << 20);
-    poke_after_error(&mut s.srv);
+    if s.srv_failed {
+        poke_after_error(&mut s.srv);
+    }
 }
 
 /// One fuzz input.
