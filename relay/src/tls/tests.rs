@@ -428,3 +428,30 @@ fn an_h2_only_client_hears_no_application_protocol() {
         rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)
     );
 }
+
+#[test]
+fn a_bad_record_after_our_close_notify_ends_the_connection() {
+    // relay sends close_notify (the origin finished) and keeps reading the client (TLS
+    // half-close); a bad record then is an error, not a panic. rustls 0.23 debug-asserts
+    // here (close_notify sets its "fatal alert sent" flag), which is why the workspace
+    // builds rustls without debug assertions (Cargo.toml, fuzz finding 4).
+    let pki = pki("ourclose", &[("a", &["a.test"])]);
+    let srv_cfg = server(&pki, vec![pki.spec("a")]);
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut client = connect(&pki.client(&[version]), "a.test");
+        let mut srv = TlsConn::server(&srv_cfg).unwrap();
+        pump(&mut client, &mut srv, 4096);
+        let mut out = Vec::new();
+        srv.close(&mut out).unwrap();
+        assert!(!out.is_empty());
+        // Valid data from the client still arrives after our close_notify.
+        client.writer().write_all(b"still here").unwrap();
+        let mut wire = Vec::new();
+        client.write_tls(&mut wire).unwrap();
+        let mut plain = Vec::new();
+        srv.receive(&mut wire, &mut plain, &mut Vec::new()).unwrap();
+        assert_eq!(plain, b"still here");
+        let mut ccs = vec![0x14, 0x03, 0x03, 0x00, 0x00];
+        assert!(srv.receive(&mut ccs, &mut plain, &mut Vec::new()).is_err());
+    }
+}
