@@ -31,13 +31,21 @@ pub fn free_port() -> u16 {
 }
 
 /// A free loopback port for a socket bound without `SO_REUSEPORT` (the admin listener):
-/// bound, then released.
+/// bound, then released. Taken below the ephemeral range (32768+), so that a connection
+/// another test opens meanwhile cannot get it as its source port before relay binds it;
+/// each test process starts at its own offset.
 pub fn free_plain_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 12000 + (std::process::id() % 400) * 40;
+    for _ in 0..20000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 12000 + (base - 12000 + n) % 20000;
+        if StdListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port below the ephemeral range")
 }
 
 pub struct Relay {
