@@ -17,7 +17,6 @@ import hashlib
 import json
 import ssl
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from websockets.asyncio.client import connect
 
 from cdp import Page
 from conftest import RELAY_BIN, Process, Reservation
-from test_demo import click, press_enter, type_into, until
+from test_demo import AppsRelay, click, press_enter, type_into, until
 
 ROOM = "tls-room"
 
@@ -64,12 +63,14 @@ def tls_files(tmp_path) -> TlsFiles:
     return files
 
 
-class TlsAppsRelay(Process):
-    """`relay --listen-tls ... --cert ... --key ...` with no origin: the embedded apps."""
+class TlsAppsRelay(AppsRelay):
+    """`relay --listen-tls ... --cert ... --key ...` with no origin: the embedded apps.
+    Rooms and stop() as in the plaintext demo relay."""
 
     def __init__(self, tls: TlsFiles) -> None:
         self.listen, self.admin_res = Reservation(), Reservation()
-        super().__init__(
+        Process.__init__(
+            self,
             "relay",
             [
                 str(RELAY_BIN),
@@ -91,17 +92,6 @@ class TlsAppsRelay(Process):
         self.wss = f"wss://127.0.0.1:{self.port}"
         self.admin = f"127.0.0.1:{self.admin_res.port}"
         self.wait_line("err", lambda l: "relay ready" in l, "'relay ready'")
-
-    def rooms(self) -> dict[str, int]:
-        with urllib.request.urlopen(f"http://{self.admin}/v1/rooms", timeout=5) as r:
-            return {x["name"]: x["members"] for x in json.load(r)["rooms"]}
-
-    def stop(self, timeout: float = 10.0) -> int:
-        try:
-            return super().stop(timeout)
-        finally:
-            self.listen.release()
-            self.admin_res.release()
 
 
 @pytest.fixture

@@ -1050,20 +1050,16 @@ impl Worker {
                     self.start_send(slot, dir);
                 }
             }
-            let recv_op = dir.recv_op();
-            let target = self.tok(recv_op, slot);
-            let cancel = self.tok(Op::Cancel, slot);
-            let s = &mut self.sessions[slot];
-            let f = s.flow_mut(dir);
-            if f.recv == RecvState::Armed && (f.queue.len() >= HIGH_WATER || f.spliced) {
-                // Backpressure: the destination is slower than the source. Stop reading;
-                // the kernel's receive window then pushes back on the sender.
-                f.recv = RecvState::Cancelling;
-                s.inflight += 1;
-                self.reactor.cancel_op(target, cancel);
-            } else if !more && f.queue.len() < HIGH_WATER {
-                self.start_reading(slot, dir);
-            }
+            let f = self.sessions[slot].flow(dir);
+            let queued = f.queue.len();
+            let spliced = f.spliced;
+            self.pace_recv(
+                slot,
+                dir,
+                queued >= HIGH_WATER || spliced,
+                queued < HIGH_WATER,
+                more,
+            );
             let s = &self.sessions[slot];
             if s.phase == Phase::Passthrough
                 && s.down.eof
@@ -1102,6 +1098,24 @@ impl Worker {
                     self.abort(slot, cause);
                 }
             }
+        }
+    }
+
+    /// After a receive on a flow: with `pause`, cancel the armed receive (backpressure: the
+    /// destination is slower than the source; the kernel's receive window then pushes back
+    /// on the sender); else, with `resume`, read again once a single-shot or ended multishot
+    /// receive is done.
+    fn pace_recv(&mut self, slot: usize, dir: Dir, pause: bool, resume: bool, more: bool) {
+        let target = self.tok(dir.recv_op(), slot);
+        let cancel = self.tok(Op::Cancel, slot);
+        let s = &mut self.sessions[slot];
+        let f = s.flow_mut(dir);
+        if f.recv == RecvState::Armed && pause {
+            f.recv = RecvState::Cancelling;
+            s.inflight += 1;
+            self.reactor.cancel_op(target, cancel);
+        } else if !more && resume {
+            self.start_reading(slot, dir);
         }
     }
 

@@ -446,19 +446,12 @@ impl Worker {
                 self.tls_eof(slot, dir);
                 return;
             }
-            let recv_op = dir.recv_op();
-            let target = self.tok(recv_op, slot);
-            let cancel = self.tok(Op::Cancel, slot);
-            let s = &mut self.sessions[slot];
-            let waiting = s.tls.as_mut().map_or(0, |t| t.pend(dir).len());
-            let f = s.flow_mut(dir);
-            if f.recv == RecvState::Armed && waiting >= TLS_HIGH_WATER {
-                f.recv = RecvState::Cancelling;
-                s.inflight += 1;
-                self.reactor.cancel_op(target, cancel);
-            } else if !more && waiting < TLS_HIGH_WATER {
-                self.start_reading(slot, dir);
-            }
+            let waiting = self.sessions[slot]
+                .tls
+                .as_mut()
+                .map_or(0, |t| t.pend(dir).len());
+            let full = waiting >= TLS_HIGH_WATER;
+            self.pace_recv(slot, dir, full, !full, more);
             let s = &self.sessions[slot];
             if s.phase == Phase::Passthrough && s.down.eof && s.down.quiet() && waiting == 0 {
                 self.finish_passthrough(slot);
