@@ -315,9 +315,11 @@ fn failures_before_the_handshake_end_cleanly_and_are_counted() {
         let mut buf = [0u8; 64];
         let n = s.read(&mut buf).unwrap_or(0);
         assert_eq!(n, 0, "closed without an answer");
+        // Timers run on 100 ms ticks counted from the tick the connection arrived in, so
+        // the 1 s timeout fires after 0.9-1.0 s of wall time (plus scheduling).
         let waited = t.elapsed();
         assert!(
-            waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+            waited >= Duration::from_millis(800) && waited < Duration::from_secs(5),
             "{waited:?}"
         );
     }

@@ -829,7 +829,9 @@ def assert_closed_at_handshake_timeout(sock: socket.socket) -> bytes:
             f"(timeouts.handshake = {HANDSHAKE_TIMEOUT}s)"
         ) from None
     elapsed = time.monotonic() - t0
-    assert elapsed >= HANDSHAKE_TIMEOUT * 0.9, f"closed after {elapsed:.3f}s, before the timeout"
+    # relay's timers tick every 100 ms from the tick the connection arrived in: the timeout
+    # fires 0.9-1.0 s after the connect, so allow two ticks.
+    assert elapsed >= HANDSHAKE_TIMEOUT - 0.2, f"closed after {elapsed:.3f}s, before the timeout"
     assert elapsed < HANDSHAKE_TIMEOUT + 3, f"closed only after {elapsed:.3f}s"
     return data
 
