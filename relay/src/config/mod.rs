@@ -226,6 +226,10 @@ pub struct Timeouts {
     pub half_closed: Duration,
     #[serde(serialize_with = "ser_duration")]
     pub drain: Duration,
+    /// An upgraded connection silent this long parks its sockets in epoll (no armed
+    /// receives); `None` ("off") keeps receives armed.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub park_idle: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -608,7 +612,19 @@ impl Config {
             idle: parse_duration("timeouts.idle", &t.idle)?,
             half_closed: parse_duration("timeouts.half_closed", &t.half_closed)?,
             drain: parse_duration("timeouts.drain", &t.drain)?,
+            park_idle: match t.park_idle.trim() {
+                "off" => None,
+                v => Some(parse_duration("timeouts.park_idle", v)?),
+            },
         };
+        if let Some(d) = timeouts.park_idle {
+            if d < Duration::from_millis(100) {
+                return Err(ConfigError::new(
+                    "timeouts.park_idle",
+                    "must be at least 100ms (the timer resolution), or \"off\"",
+                ));
+            }
+        }
         for (k, d) in [
             ("timeouts.handshake", timeouts.handshake),
             ("timeouts.origin_connect", timeouts.origin_connect),

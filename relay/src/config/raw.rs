@@ -132,6 +132,7 @@ pub struct RawTimeouts {
     pub idle: String,
     pub half_closed: String,
     pub drain: String,
+    pub park_idle: String,
 }
 
 impl Default for RawTimeouts {
@@ -143,6 +144,7 @@ impl Default for RawTimeouts {
             idle: "10m".into(),
             half_closed: "30s".into(),
             drain: "30s".into(),
+            park_idle: "1s".into(),
         }
     }
 }

@@ -491,6 +491,20 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     );
     per_worker(
         &mut o,
+        "relay_parked_sockets",
+        "gauge",
+        "Idle sockets parked in the worker's epoll set (no armed receive; see timeouts.park_idle).",
+        &|c| c.parked,
+    );
+    per_worker(
+        &mut o,
+        "relay_parks_total",
+        "counter",
+        "Times an idle socket was parked.",
+        &|c| c.parks,
+    );
+    per_worker(
+        &mut o,
         "relay_splices_total",
         "counter",
         "Splice operations (splice data path).",
@@ -759,6 +773,8 @@ pub fn json(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
             "refused": Status::ALL.iter().map(|s| (s.code().to_string(), c.refused[s.index()])).collect::<std::collections::BTreeMap<_, _>>(),
             "closed": CloseCause::ALL.iter().map(|k| (k.label(), c.closed[k.index()])).collect::<std::collections::BTreeMap<_, _>>(),
             "enobufs": c.enobufs,
+            "parked": c.parked,
+            "parks": c.parks,
             "cq_overflows": c.cq_overflows,
             "tls": {
                 "handshakes_full": c.tls_full,

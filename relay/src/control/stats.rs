@@ -129,6 +129,10 @@ pub struct Counters {
     pub bufs_provided: u64,
     pub bufs_checked_out: u64,
     pub splices: u64,
+    /// Sockets parked in the worker's epoll set now (idle: no armed receive), and parks so
+    /// far.
+    pub parked: u64,
+    pub parks: u64,
     /// Edge apps: messages received from clients, and frames sent to them.
     pub app_messages_in: u64,
     pub app_frames_out: u64,
@@ -186,7 +190,7 @@ macro_rules! atomic_mirror {
 atomic_mirror!(
     accepted, active, upgraded, bytes_client_to_origin, bytes_origin_to_client, connection_ms,
     origin_connect_failures, accept_errors, enobufs, submitted, completed, cq_overflows,
-    bufs_provided, bufs_checked_out, splices, app_messages_in, app_frames_out, ws_close_1002,
+    bufs_provided, bufs_checked_out, splices, parked, parks, app_messages_in, app_frames_out, ws_close_1002,
     ws_close_1007, ws_close_1009, room_dropped, room_slow_closed, pings_sent, pong_timeouts,
     tls_full, tls_resumed, tls_fail_plain_http, tls_fail_timeout, tls_fail_protocol,
     tls_fail_closed, origin_tls_failures;

@@ -22,6 +22,7 @@
 //! interprets completions through [`token::Token`].
 
 pub mod bufring;
+pub mod park;
 pub mod sys;
 pub mod timer;
 pub mod token;
@@ -426,6 +427,16 @@ impl Reactor {
     /// One-shot readiness poll (`POLLIN`/`POLLOUT`).
     pub fn poll(&mut self, fd: RawFd, events: u32, user_data: u64) {
         let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .build()
+            .user_data(user_data);
+        self.push(e);
+    }
+
+    /// Multishot readiness poll: a completion each time `fd` signals `events`, until it ends
+    /// without `F_MORE`.
+    pub fn poll_multi(&mut self, fd: RawFd, events: u32, user_data: u64) {
+        let e = opcode::PollAdd::new(types::Fd(fd), events)
+            .multi(true)
             .build()
             .user_data(user_data);
         self.push(e);

@@ -69,8 +69,12 @@ pub enum Phase {
 pub enum RecvState {
     Idle,
     Armed,
-    /// A cancel was submitted (backpressure); the final completion has not arrived yet.
+    /// A cancel was submitted (backpressure, or parking); the final completion has not
+    /// arrived yet.
     Cancelling,
+    /// No receive: the socket waits in the worker's epoll set until it is readable
+    /// (`timeouts.park_idle`, reactor/park.rs).
+    Parked,
 }
 
 /// Where a spliced flow is (splice data path): poll the source, splice socket → pipe,
@@ -168,6 +172,8 @@ impl ChunkQueue {
 #[derive(Debug)]
 pub struct Flow {
     pub recv: RecvState,
+    /// The pending cancel of this flow's receive is for parking (the flow was silent).
+    pub park: bool,
     /// The source sent FIN.
     pub eof: bool,
     /// We shut down the destination's write side (after forwarding everything).
@@ -191,6 +197,7 @@ impl Flow {
     fn new() -> Flow {
         Flow {
             recv: RecvState::Idle,
+            park: false,
             eof: false,
             shut: false,
             sending: false,
@@ -206,6 +213,12 @@ impl Flow {
     /// Nothing is moving in this direction right now.
     pub fn quiet(&self) -> bool {
         !self.sending && self.queue.is_empty() && self.splice == SpliceStage::Idle
+    }
+
+    /// The flow's receive could be traded for a parked registration: an armed receive and
+    /// nothing moving.
+    pub fn parkable(&self) -> bool {
+        self.recv == RecvState::Armed && !self.park && !self.spliced && !self.eof && self.quiet()
     }
 
     /// Nothing left to forward in this direction and its end has been passed on.

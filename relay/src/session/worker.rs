@@ -24,6 +24,7 @@ use crate::control::stats::{CloseCause, Counters, Latencies, RouteCounters, Work
 use crate::control::Control;
 use crate::proto::http::{self, Answer, Forwarding, Reject, Status};
 use crate::proto::ws::{CloseCode, ControlFrame, DataKind, Decoder, DecoderConfig, Event};
+use crate::reactor::park::Parking;
 use crate::reactor::timer::{TimerEntry, TimerWheel};
 use crate::reactor::token::{Op, Token, GEN_MASK};
 use crate::reactor::{sys, Completion, Reactor, ReactorConfig, MAX_IOV};
@@ -33,6 +34,8 @@ mod tls;
 
 /// `Op::Wake` slot of the poll on this worker's room-inbox eventfd.
 const WAKE_INBOX: u32 = 1;
+/// `Op::Wake` slot of the multishot poll on this worker's epoll set of parked sockets.
+const WAKE_PARKED: u32 = 2;
 /// Timer resolution.
 pub const TICK: Duration = Duration::from_millis(100);
 /// How long relay keeps reading (and discarding) after its own error answer.
@@ -167,6 +170,13 @@ struct Worker {
     t_half: u32,
     t_ping: Option<u32>,
     t_pong: u32,
+    /// `timeouts.park_idle` in ticks; `None` = never park.
+    t_park: Option<u32>,
+    /// Idle sockets waiting for readiness without an armed receive.
+    parking: Parking,
+    /// Tokens of parked sockets that became ready (reused).
+    woken: Vec<u64>,
+    park_failures: u64,
     listener_tls: Vec<Option<ServerTls>>,
     pool_tls: Vec<Option<ClientTls>>,
     /// Plaintext a TLS receive decrypted, before it moves on (reused).
@@ -194,6 +204,15 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         Ok(r) => r,
         Err(e) => {
             let _ = ready.send(Err(e.to_string()));
+            return;
+        }
+    };
+    let parking = match Parking::new() {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = ready.send(Err(format!(
+                "cannot create the epoll set for idle sockets: {e}"
+            )));
             return;
         }
     };
@@ -245,6 +264,10 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         t_half: ticks(t.half_closed),
         t_ping: cfg.apps.ping_interval.map(ticks),
         t_pong: ticks(cfg.apps.pong_timeout),
+        t_park: t.park_idle.map(ticks),
+        parking,
+        woken: Vec::new(),
+        park_failures: 0,
         listener_tls: init.listener_tls,
         pool_tls: init.pool_tls,
         scratch: Vec::new(),
@@ -254,6 +277,7 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         w.arm_accept(i);
     }
     w.arm_inbox();
+    w.arm_parked_poll();
     let addrs: Vec<String> = w
         .cfg
         .listeners
@@ -437,6 +461,7 @@ impl Worker {
         match tok.op {
             Op::Accept => self.on_accept(tok.slot as usize, &c),
             Op::Wake if tok.slot == WAKE_INBOX => self.on_inbox(),
+            Op::Wake if tok.slot == WAKE_PARKED => self.on_parked_ready(&c),
             Op::Wake => {}
             op => {
                 let slot = tok.slot as usize;
@@ -581,10 +606,20 @@ impl Worker {
     fn on_recv(&mut self, slot: usize, dir: Dir, c: &Completion) {
         let more = c.more();
         let s = &mut self.sessions[slot];
-        if !more {
-            s.flow_mut(dir).recv = RecvState::Idle;
-        }
         let phase = s.phase;
+        let f = s.flow_mut(dir);
+        if c.result > 0 {
+            // Bytes came after all: this flow is not idle, whatever the timer thought.
+            f.park = false;
+        }
+        if !more {
+            f.recv = RecvState::Idle;
+            let park = std::mem::take(&mut f.park);
+            if park && c.result == -libc::ECANCELED && matches!(phase, Phase::Relay | Phase::App) {
+                self.park(slot, dir);
+                return;
+            }
+        }
         let bid = c.buffer();
         let tls = s.tls.is_some();
         match (phase, dir) {
@@ -1401,6 +1436,10 @@ impl Worker {
             sys::close(s.origin);
         }
         for f in [&mut s.up, &mut s.down] {
+            if f.recv == RecvState::Parked {
+                // Closing the socket took it out of the epoll set.
+                self.counters.parked -= 1;
+            }
             while let Some(ch) = f.queue.pop() {
                 self.reactor.recycle(ch.bid);
             }
@@ -1461,6 +1500,100 @@ impl Worker {
         } else if f.quiet() {
             self.arm_poll(slot, dir, SpliceStage::PollIn);
         }
+    }
+
+    // ---- parking idle sockets (see reactor/park.rs) ----------------------------------------
+
+    /// When a session's silent sockets park, if any can.
+    fn park_at(&self, s: &Session) -> Option<u32> {
+        let t = self.t_park?;
+        let can =
+            matches!(s.phase, Phase::Relay | Phase::App) && (s.up.parkable() || s.down.parkable());
+        can.then_some(s.last_active + t)
+    }
+
+    /// Cancels the armed receives of a silent session; each flow parks when its receive's
+    /// final completion arrives (`on_recv`), unless bytes came first.
+    fn park_idle(&mut self, slot: usize) {
+        let cancel = self.tok(Op::Cancel, slot);
+        for dir in [Dir::Up, Dir::Down] {
+            let target = self.tok(dir.recv_op(), slot);
+            let s = &mut self.sessions[slot];
+            let f = s.flow_mut(dir);
+            if f.parkable() {
+                f.park = true;
+                f.recv = RecvState::Cancelling;
+                s.inflight += 1;
+                self.reactor.cancel_op(target, cancel);
+            }
+        }
+    }
+
+    /// A flow's receive ended for parking: its socket waits in the epoll set.
+    fn park(&mut self, slot: usize, dir: Dir) {
+        let token = self.tok(dir.recv_op(), slot);
+        let s = &mut self.sessions[slot];
+        match self.parking.park(s.src(dir), token) {
+            Ok(()) => {
+                s.flow_mut(dir).recv = RecvState::Parked;
+                self.counters.parked += 1;
+                self.counters.parks += 1;
+            }
+            Err(e) => {
+                // ENOMEM, or fs.epoll.max_user_watches reached: keep the receive instead.
+                self.park_failures += 1;
+                if self.park_failures.is_power_of_two() {
+                    tracing::warn!(
+                        worker = self.id,
+                        failures = self.park_failures,
+                        "cannot park an idle socket in epoll ({e}); its receive stays armed \
+                         (raise fs.epoll.max_user_watches)"
+                    );
+                }
+                self.start_reading(slot, dir);
+            }
+        }
+    }
+
+    fn arm_parked_poll(&mut self) {
+        let ud = Token::new(Op::Wake, WAKE_PARKED, 0).encode();
+        self.reactor
+            .poll_multi(self.parking.fd(), libc::POLLIN as u32, ud);
+    }
+
+    /// Parked sockets became readable (bytes, FIN or an error): take them out of the set and
+    /// arm their receives again.
+    fn on_parked_ready(&mut self, c: &Completion) {
+        if !c.more() && c.result != -libc::ECANCELED {
+            self.arm_parked_poll();
+        }
+        let mut woken = std::mem::take(&mut self.woken);
+        self.parking.ready(&mut woken);
+        for ud in woken.drain(..) {
+            let Some(tok) = Token::decode(ud) else {
+                continue;
+            };
+            let dir = match tok.op {
+                Op::ClientRecv => Dir::Up,
+                Op::OriginRecv => Dir::Down,
+                _ => continue,
+            };
+            let slot = tok.slot as usize;
+            let now = self.now;
+            let Some(s) = self.sessions.get_mut(slot) else {
+                continue;
+            };
+            if s.gen != tok.gen || s.flow(dir).recv != RecvState::Parked {
+                continue;
+            }
+            self.parking.unpark(s.src(dir));
+            s.flow_mut(dir).recv = RecvState::Idle;
+            s.last_active = now;
+            self.counters.parked -= 1;
+            self.start_reading(slot, dir);
+            self.arm_timer(slot);
+        }
+        self.woken = woken;
     }
 
     fn arm_poll(&mut self, slot: usize, dir: Dir, stage: SpliceStage) {
@@ -2035,7 +2168,15 @@ impl Worker {
 
     // ---- timers --------------------------------------------------------------------------
 
+    /// The tick at which the session's timer must act: its phase's expiry, or parking its
+    /// idle sockets if that comes first.
     fn deadline(&self, s: &Session) -> u32 {
+        let at = self.expiry(s);
+        self.park_at(s).map_or(at, |p| p.min(at))
+    }
+
+    /// When the session's current phase times out (`u32::MAX`: never).
+    fn expiry(&self, s: &Session) -> u32 {
         match s.phase {
             Phase::ClientHead => s.phase_since + self.t_handshake,
             Phase::Connecting => s.phase_since + self.t_connect,
@@ -2088,6 +2229,11 @@ impl Worker {
                 self.sessions[slot].timer_at = at;
                 self.wheel.arm(e.slot, e.gen, at);
             }
+            return;
+        }
+        if self.park_at(s).is_some_and(|p| p <= self.now) {
+            self.park_idle(slot);
+            self.arm_timer(slot);
             return;
         }
         match s.phase {
