@@ -44,11 +44,12 @@ async fn silent_relayed_connections_park_and_wake_from_either_side() {
         conns.push(ws);
     }
 
-    // Silence: both sockets of every connection park (client and origin side).
+    // Both sockets of a connection start parked after the 101 (2N parks), the first message
+    // woke them, and silence parks them again (2N more).
     relay.wait_for("every socket parked", Duration::from_secs(10), |r| {
         parked(r) == (2 * N) as f64
     });
-    assert_eq!(relay.metric_sum("relay_parks_total", &[]), (2 * N) as f64);
+    assert_eq!(relay.metric_sum("relay_parks_total", &[]), (4 * N) as f64);
 
     // The client side wakes first; the origin's answer then wakes the origin side. Several
     // messages of different sizes come back intact and in order.
@@ -71,7 +72,7 @@ async fn silent_relayed_connections_park_and_wake_from_either_side() {
     relay.wait_for("every socket parked again", Duration::from_secs(10), |r| {
         parked(r) == (2 * N) as f64
     });
-    assert_eq!(relay.metric_sum("relay_parks_total", &[]), (4 * N) as f64);
+    assert_eq!(relay.metric_sum("relay_parks_total", &[]), (6 * N) as f64);
 
     // An origin that vanishes while its socket is parked: the FIN wakes the parked origin
     // socket and the client learns of it (its connection ends).

@@ -998,8 +998,8 @@ impl Worker {
             let spliced = self.data_path == DataPath::Splice;
             s.up.spliced = spliced;
             s.down.spliced = spliced;
-            self.start_reading(slot, Dir::Up);
-            self.start_reading(slot, Dir::Down);
+            self.await_bytes(slot, Dir::Up);
+            self.await_bytes(slot, Dir::Down);
         } else if !s.down.eof {
             self.arm_recv_multi(slot, Dir::Down);
         }
@@ -1512,6 +1512,19 @@ impl Worker {
         can.then_some(s.last_active + t)
     }
 
+    /// The first read of a flow just upgraded: parked until its socket is readable when
+    /// parking is on (the peer may stay silent for hours, and a receive armed meanwhile
+    /// costs kernel memory; the ring's request cache also keeps the peak number of requests
+    /// ever armed), else an armed receive.
+    fn await_bytes(&mut self, slot: usize, dir: Dir) {
+        let f = self.sessions[slot].flow(dir);
+        if self.t_park.is_some() && f.recv == RecvState::Idle && !f.spliced && !f.eof {
+            self.park(slot, dir);
+        } else {
+            self.start_reading(slot, dir);
+        }
+    }
+
     /// Cancels the armed receives of a silent session; each flow parks when its receive's
     /// final completion arrives (`on_recv`), unless bytes came first.
     fn park_idle(&mut self, slot: usize) {
@@ -1819,7 +1832,7 @@ impl Worker {
             self.app_input(slot, decoded);
         }
         self.app_kick(slot);
-        self.arm_recv_multi(slot, Dir::Up);
+        self.await_bytes(slot, Dir::Up);
         self.arm_timer(slot);
     }
 

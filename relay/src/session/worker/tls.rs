@@ -315,8 +315,8 @@ impl Worker {
         let s = &mut self.sessions[slot];
         if s.phase == Phase::Relay {
             s.hs = None;
-            self.start_reading(slot, Dir::Up);
-            self.start_reading(slot, Dir::Down);
+            self.await_bytes(slot, Dir::Up);
+            self.await_bytes(slot, Dir::Down);
         } else if !s.down.eof {
             self.arm_recv_multi(slot, Dir::Down);
         }
