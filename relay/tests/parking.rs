@@ -94,9 +94,11 @@ async fn silent_relayed_connections_park_and_wake_from_either_side() {
     let n_left = conns.len();
     drop(conns);
     drop(gone);
-    relay.wait_for("origins to see the clients go", Duration::from_secs(10), |_| {
-        origin.ended.load(Ordering::SeqCst) >= ended_before + n_left
-    });
+    relay.wait_for(
+        "origins to see the clients go",
+        Duration::from_secs(10),
+        |_| origin.ended.load(Ordering::SeqCst) >= ended_before + n_left,
+    );
     relay.assert_no_leak(fds);
     assert_eq!(parked(&relay), 0.0, "the parked gauge counts freed sockets");
 }

@@ -128,6 +128,7 @@ fn reload_certificates(listeners: &[Option<ListenerTls>]) {
 /// Runs relay until it has drained after SIGTERM/SIGINT.
 pub fn run(cfg: Config) -> Result<(), String> {
     sys::ignore_sigpipe();
+    let thp_off = sys::disable_thp();
     let (nofile, hard) = sys::raise_nofile();
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let workers = cfg.workers.count.unwrap_or(cores.len()).max(1);
@@ -141,6 +142,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         nofile_hard = hard,
         max_connections_per_worker = max_conns,
         data_path = ?cfg.data_path,
+        transparent_huge_pages = if thp_off { "off" } else { "system default" },
         "starting relay"
     );
 
