@@ -21,6 +21,10 @@
 //!   before returning). Freeing a slot recycles whatever its queues still hold.
 //! - Each descriptor is closed exactly once, by `Worker::free`.
 //! - At most one send per direction is in flight, so bytes leave in the order they came.
+//! - A flow is `RecvState::Parked` exactly while its source socket is in the worker's epoll
+//!   set (`reactor/park.rs`): it then has no receive in flight, and `inflight` does not count
+//!   it. Waking removes the socket from the set before a receive is armed; `free` closing the
+//!   socket removes it otherwise.
 
 pub mod pool;
 mod worker;
