@@ -61,13 +61,16 @@ PROFILE=edge-1m
 CMDLINE="scripts/bench-million.sh $*"
 
 # ---- measured figures (this 2-core, 24 GiB VM, Linux 6.18; see docs/benchmarks.md) ------
-# Kernel memory per idle TCP socket, all slab growth over a 200,000-connection run divided by
-# its 800,000 sockets: 5,388 B. Of that, ~4,480 B is the socket itself (TCP 2,526, sockfs
-# inode 866, dentry 195, filp 196, epoll item or io_uring request, kmalloc'd bits) and
-# ~907 B are procfs inodes and dentries for /proc/PID/fd/N, which this VM's init agent creates
-# by listing every process's descriptors every few seconds: reclaimable, but present during
-# the run, so counted (MILLION_KERNEL_SOCKET_B=4500 on a box without such a scanner).
-KERNEL_SOCKET_B=${MILLION_KERNEL_SOCKET_B:-5400}
+# Kernel memory per idle TCP socket, all slab growth over a run divided by its sockets. Since
+# relay parks idle sockets in epoll (timeouts.park_idle) instead of holding armed io_uring
+# receives (io_kiocb + kmalloc-512 per relay socket), the 1,000,000-connection relayed run of
+# 2026-12-02 measured 4,651 B per socket over 4,000,000 sockets: ~4,200 B is the socket itself
+# (TCP 2,521, sockfs inode 862, dentry, filp, epoll item, small kmallocs) and ~450 B procfs
+# inodes and dentries for /proc/PID/fd/N, which this VM's init agent creates by listing every
+# process's descriptors every few seconds: reclaimable, but present during the run, so
+# counted. Before parking it was 5,388 B (200,000 connections). The default keeps a margin
+# over the measured figure (MILLION_KERNEL_SOCKET_B=4300 on a box without such a scanner).
+KERNEL_SOCKET_B=${MILLION_KERNEL_SOCKET_B:-5000}
 # User memory per connection (VmRSS growth / connection), measured at 50,000 and 200,000.
 RELAY_CONN_B=${MILLION_RELAY_CONN_B:-450}      # relay, relayed connection (both legs): 418-451
 RELAY_APP_CONN_B=${MILLION_RELAY_APP_CONN_B:-700} # relay, echo-app connection: 658
