@@ -1,6 +1,7 @@
 //! Memory per idle relayed connection: 9,000 upgraded connections held open through the
 //! real relay binary (the process cap here is 20,000 descriptors; each relayed connection
-//! costs the relay two). The relay's RSS must grow by less than 1 KiB per connection.
+//! costs the relay two). The relay's RSS must grow by less than 512 bytes per connection (the
+//! benchmark issue's aim; a session is ~300 B of it).
 
 mod common;
 
@@ -63,7 +64,7 @@ async fn open(relay: std::net::SocketAddr) -> TcpStream {
 }
 
 #[test]
-fn idle_relayed_connection_costs_under_1_kib_of_relay_rss() {
+fn idle_relayed_connection_costs_under_512_bytes_of_relay_rss() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -120,7 +121,7 @@ fn idle_relayed_connection_costs_under_1_kib_of_relay_rss() {
         before / 1024,
         after / 1024
     );
-    assert!(per_conn < 1024.0, "{per_conn:.0} bytes per idle connection");
+    assert!(per_conn < 512.0, "{per_conn:.0} bytes per idle connection");
     drop(conns);
     relay.wait_for("connections to close", Duration::from_secs(40), |r| {
         r.active() == 0.0

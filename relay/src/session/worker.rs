@@ -38,6 +38,8 @@ const WAKE_INBOX: u32 = 1;
 const WAKE_PARKED: u32 = 2;
 /// Timer resolution.
 pub const TICK: Duration = Duration::from_millis(100);
+/// Ticks between heap trims (`sys::trim_heap`): once a second.
+const TRIM_EVERY: u32 = 10;
 /// How long relay keeps reading (and discarding) after its own error answer.
 const LINGER_TICKS: u32 = 20;
 /// A flow stops receiving once this many buffers wait to be sent (backpressure).
@@ -181,6 +183,8 @@ struct Worker {
     pool_tls: Vec<Option<ClientTls>>,
     /// Plaintext a TLS receive decrypted, before it moves on (reused).
     scratch: Vec<u8>,
+    /// Connections accepted plus closed when the heap was last trimmed (`sys::trim_heap`).
+    trimmed_at_churn: u64,
 }
 
 /// Runs a worker on the calling thread until it has drained. Sends `Ok(description)` once
@@ -271,6 +275,7 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         listener_tls: init.listener_tls,
         pool_tls: init.pool_tls,
         scratch: Vec::new(),
+        trimmed_at_churn: 0,
         cfg,
     };
     for i in 0..w.listeners.len() {
@@ -373,6 +378,15 @@ impl Worker {
 
     fn on_tick(&mut self) {
         self.publish_slow();
+        // Once a second, if connections came or went: what their handshakes allocated and
+        // freed goes back to the kernel instead of staying resident at the ramp's peak.
+        if self.now % TRIM_EVERY == 0 {
+            let churn = self.counters.accepted + self.counters.closed.iter().sum::<u64>();
+            if churn != self.trimmed_at_churn {
+                self.trimmed_at_churn = churn;
+                sys::trim_heap();
+            }
+        }
         // Idle costs nothing: pipes nobody borrowed during the last tick are closed.
         if !self.pipes_lent_this_tick {
             for (r, w) in self.pipes.drain(..) {
