@@ -486,19 +486,21 @@ run_tput() {
 }
 
 if [ $DO_TPUT = 1 ]; then
+    NPEERS=${#PEER_LIST[@]}
     for k in "${INFLIGHT_LIST[@]}"; do
         for s in "${SIZE_LIST[@]}"; do
             cell="${CONNS}x${k}x${s}B"
             for peer in "${PEER_LIST[@]}"; do
-                if [ -z "${PEER_OK[$peer]:-}" ]; then
-                    record "$(jq -nc --arg cell "$cell" --arg peer "$peer" --arg e "skipped: ${PEER_SKIP[$peer]:-unavailable}" \
-                        --argjson c "$CONNS" --argjson k "$k" --argjson s "$s" \
-                        '{kind: "throughput", cell: $cell, peer: $peer, connections: $c, inflight: $k, size: $s, ok: false, error: $e}')"
-                    continue
-                fi
-                runs=$RUN_DIR/tput-$cell-$peer.runs.jsonl
-                : >"$runs"
-                for ((r = 1; r <= REPEAT; r++)); do
+                : >"$RUN_DIR/tput-$cell-$peer.runs.jsonl"
+            done
+            # Rounds interleave the peers (round r: every peer once, the order rotated by r),
+            # so that a slow drift of the machine (another guest on the host, frequency)
+            # weighs on every peer alike instead of on whichever ran its repeats then.
+            for ((r = 1; r <= REPEAT; r++)); do
+                for ((pi = 0; pi < NPEERS; pi++)); do
+                    peer=${PEER_LIST[$(((pi + r - 1) % NPEERS))]}
+                    [ -n "${PEER_OK[$peer]:-}" ] || continue
+                    runs=$RUN_DIR/tput-$cell-$peer.runs.jsonl
                     # A run disturbed by other work (the proxy was runnable but waited for CPU 0
                     # for more than NOISE_PCT of the run; for direct: other processes used that
                     # much of CPU 1) is retried, up to ATTEMPTS times; the least disturbed
@@ -506,7 +508,7 @@ if [ $DO_TPUT = 1 ]; then
                     att=$RUN_DIR/tput-$cell-$peer-$r.attempts.jsonl
                     : >"$att"
                     for ((a = 1; a <= ATTEMPTS; a++)); do
-                        log "throughput $cell  $peer  (run $r/$REPEAT, attempt $a, ${DURATION}s)"
+                        log "throughput $cell  $peer  (round $r/$REPEAT, attempt $a, ${DURATION}s)"
                         run_tput "$peer" "$CONNS" "$k" "$s" "$RUN_DIR/tput-$cell-$peer-$r-$a" >>"$att"
                         tail -1 "$att" | jq -r '"    " + (if .ok then "\(.msgs_per_s) msg/s  p50 \(.rtt_us.p50) p99 \(.rtt_us.p99) p99.9 \(.rtt_us.p999) us  cpu/msg \(.proxy_cpu_us_per_msg) us  proxy cpu \(.proxy_cpu_pct)% (waited \(.proxy_runq_wait_pct)%)  other cpu1 \(.other_cpu1_pct)%" else "FAILED: \(.error)" end)' >&2
                         noise=$(tail -1 "$att" | jq -r '.proxy_runq_wait_pct // .other_cpu1_pct // 0 | round')
@@ -518,12 +520,20 @@ if [ $DO_TPUT = 1 ]; then
                         | ($good // .) | min_by(.noise)' "$att" |
                         jq -c --argjson n "$(wc -l <"$att")" '.attempts = $n' >>"$runs"
                 done
+            done
+            for peer in "${PEER_LIST[@]}"; do
+                if [ -z "${PEER_OK[$peer]:-}" ]; then
+                    record "$(jq -nc --arg cell "$cell" --arg peer "$peer" --arg e "skipped: ${PEER_SKIP[$peer]:-unavailable}" \
+                        --argjson c "$CONNS" --argjson k "$k" --argjson s "$s" \
+                        '{kind: "throughput", cell: $cell, peer: $peer, connections: $c, inflight: $k, size: $s, ok: false, error: $e}')"
+                    continue
+                fi
                 # Median run by msgs/s (failed runs count as 0); all runs kept in the JSON.
                 record "$(jq -sc --arg cell "$cell" --arg peer "$peer" --argjson c "$CONNS" --argjson k "$k" --argjson s "$s" '
                     (sort_by(.msgs_per_s // 0)) as $sorted
                     | $sorted[(length - 1) / 2 | floor] + {kind: "throughput", cell: $cell, peer: $peer,
                         connections: $c, inflight: $k, size: $s,
-                        runs_msgs_per_s: [.[] | .msgs_per_s], runs_failed: ([.[] | select(.ok | not)] | length)}' "$runs")"
+                        runs_msgs_per_s: [.[] | .msgs_per_s], runs_failed: ([.[] | select(.ok | not)] | length)}' "$RUN_DIR/tput-$cell-$peer.runs.jsonl")"
             done
         done
     done
