@@ -197,6 +197,25 @@ impl BufRing {
         n
     }
 
+    /// Hands the pages of every buffer back to the kernel, if none is checked out; returns
+    /// whether it did. Buffers stay provided: the next receive into one faults in a zeroed
+    /// page. Touching the pages is what made them resident: the kernel takes buffers in ring
+    /// order, so after a burst every provided buffer has been written once.
+    ///
+    /// The caller must know that the kernel is not filling any provided buffer and has
+    /// posted the completion of every buffer it filled (see [`super::Reactor::release_buffer_pages`]).
+    pub(crate) fn release_pages(&mut self) -> bool {
+        if self.out != 0 {
+            return false;
+        }
+        let len = self.provided as usize * self.buf_size as usize;
+        // SAFETY: `bufs .. bufs + len` lies inside the buffer mapping (provided <= max). No
+        // Rust reference into it is alive (nothing is checked out, and slices borrow `self`),
+        // and the caller guarantees that the kernel is not writing into it; MADV_DONTNEED on
+        // a private anonymous mapping only replaces its pages with zero-fill-on-demand ones.
+        unsafe { libc::madvise(self.bufs as *mut libc::c_void, len, libc::MADV_DONTNEED) == 0 }
+    }
+
     /// The first `len` bytes of buffer `bid`.
     pub fn slice(&self, bid: u16, len: usize) -> &[u8] {
         assert!(bid < self.provided && len <= self.buf_size as usize);

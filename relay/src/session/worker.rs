@@ -38,7 +38,7 @@ const WAKE_INBOX: u32 = 1;
 const WAKE_PARKED: u32 = 2;
 /// Timer resolution.
 pub const TICK: Duration = Duration::from_millis(100);
-/// Ticks between heap trims (`sys::trim_heap`): once a second.
+/// Ticks between memory trims (heap, receive-buffer pages): once a second.
 const TRIM_EVERY: u32 = 10;
 /// How long relay keeps reading (and discarding) after its own error answer.
 const LINGER_TICKS: u32 = 20;
@@ -183,8 +183,11 @@ struct Worker {
     pool_tls: Vec<Option<ClientTls>>,
     /// Plaintext a TLS receive decrypted, before it moves on (reused).
     scratch: Vec<u8>,
-    /// Connections accepted plus closed when the heap was last trimmed (`sys::trim_heap`).
+    /// Connections accepted, upgraded and closed when the heap was last trimmed
+    /// (`sys::trim_heap`).
     trimmed_at_churn: u64,
+    /// Completions reaped when the receive buffers' pages were last released.
+    released_at_completed: u64,
 }
 
 /// Runs a worker on the calling thread until it has drained. Sends `Ok(description)` once
@@ -276,6 +279,7 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         pool_tls: init.pool_tls,
         scratch: Vec::new(),
         trimmed_at_churn: 0,
+        released_at_completed: 0,
         cfg,
     };
     for i in 0..w.listeners.len() {
@@ -378,13 +382,20 @@ impl Worker {
 
     fn on_tick(&mut self) {
         self.publish_slow();
-        // Once a second, if connections came or went: what their handshakes allocated and
-        // freed goes back to the kernel instead of staying resident at the ramp's peak.
+        // Once a second, memory that a burst touched goes back to the kernel instead of
+        // staying resident at the burst's peak: the heap pages that handshakes allocated and
+        // freed (if connections came, were upgraded or went), and the receive buffers' pages
+        // (if the ring was used and no buffer is in use now).
         if self.now % TRIM_EVERY == 0 {
-            let churn = self.counters.accepted + self.counters.closed.iter().sum::<u64>();
+            let c = &self.counters;
+            let churn = c.accepted + c.upgraded + c.closed.iter().sum::<u64>();
             if churn != self.trimmed_at_churn {
                 self.trimmed_at_churn = churn;
                 sys::trim_heap();
+            }
+            let done = self.reactor.stats.completed;
+            if done != self.released_at_completed && self.reactor.release_buffer_pages() {
+                self.released_at_completed = done;
             }
         }
         // Idle costs nothing: pipes nobody borrowed during the last tick are closed.
