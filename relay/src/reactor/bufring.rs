@@ -11,7 +11,10 @@
 //! Buffers are handed to the kernel on demand: the ring starts with a small set and grows
 //! (up to the configured count) while more than three quarters of the provided buffers are
 //! checked out. Because the kernel takes buffers in ring order, the memory a worker touches
-//! follows its peak in-flight data, not the configured maximum.
+//! follows its peak in-flight data, not the configured maximum; and since after a burst every
+//! provided buffer has been written once, an idle worker hands their pages back
+//! ([`BufRing::release_pages`], only when nothing is checked out and the kernel cannot be
+//! filling a buffer: see `Reactor::release_buffer_pages`).
 
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
