@@ -603,8 +603,8 @@ mod tests {
             return;
         }
         assert!(r.release_buffer_pages());
-        // The page is gone (zero-fill on demand); reading the recycled buffer's memory is
-        // what a stale sender would see, so look through the raw pointer.
+        // The page is gone (zero-fill on demand). `buf` is meant for checked-out buffers and
+        // this one belongs to the ring again, so look through the raw pointer instead.
         // SAFETY: test-only read of a buffer no one has checked out; the kernel is not
         // filling it (no receive is armed).
         let stale = unsafe { std::slice::from_raw_parts(r.bufs().ptr(bid, 0), 13) };
