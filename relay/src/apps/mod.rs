@@ -102,6 +102,13 @@ impl RoomHub {
         self.wakers[worker]
     }
 
+    /// Wakes every worker (the main thread raised a flag for them).
+    pub fn wake_all(&self) {
+        for &fd in &self.wakers {
+            sys::eventfd_signal(fd);
+        }
+    }
+
     /// Hands a frame to every worker except `skip` and wakes them.
     pub fn broadcast(&self, msg: RoomMsg, skip: Option<usize>) {
         for (w, tx) in self.inboxes.iter().enumerate() {

@@ -83,6 +83,30 @@ impl TimerWheel {
         self.cursor = now.wrapping_add(1);
     }
 
+    /// The earliest tick at or before `horizon` that an armed entry is due at, if any (an
+    /// entry armed in the past counts as due at the cursor). Looks at most one lap ahead.
+    pub fn next_due(&self, horizon: u32) -> Option<u32> {
+        if self.len == 0 {
+            return None;
+        }
+        let span = horizon.wrapping_sub(self.cursor) as usize;
+        let steps = span.saturating_add(1).min(self.buckets.len());
+        let mut t = self.cursor;
+        for _ in 0..steps {
+            let bucket = &self.buckets[(t & self.mask()) as usize];
+            if bucket.iter().any(|e| e.at <= t) {
+                return Some(t);
+            }
+            t = t.wrapping_add(1);
+        }
+        None
+    }
+
+    /// Ticks in one lap of the wheel (its bucket count).
+    pub fn lap(&self) -> u32 {
+        self.buckets.len() as u32
+    }
+
     /// The tick of the wheel's cursor: the earliest tick an entry can still fire at.
     pub fn cursor(&self) -> u32 {
         self.cursor
@@ -131,6 +155,31 @@ mod tests {
         }
         assert_eq!(fire(&mut w, 100), (0..10).collect::<Vec<_>>());
         assert_eq!(w.len(), 0);
+    }
+
+    #[test]
+    fn next_due_finds_the_earliest_entry_within_the_horizon() {
+        let mut w = TimerWheel::new(8, 0);
+        assert_eq!(w.next_due(100), None);
+        w.arm(1, 0, 13); // bucket 5, one lap ahead
+        w.arm(2, 0, 6);
+        assert_eq!(w.next_due(5), None);
+        assert_eq!(w.next_due(6), Some(6));
+        assert_eq!(w.next_due(100), Some(6));
+        let mut due = Vec::new();
+        w.advance(6, &mut due);
+        assert_eq!(w.next_due(12), None, "13 is beyond the horizon");
+        assert_eq!(w.next_due(100), Some(13));
+        w.advance(20, &mut due);
+        assert_eq!(w.next_due(100), None);
+        assert_eq!(due.len(), 2);
+    }
+
+    #[test]
+    fn next_due_of_a_past_entry_is_the_cursor() {
+        let mut w = TimerWheel::new(8, 10);
+        w.arm(7, 3, 2);
+        assert_eq!(w.next_due(50), Some(10));
     }
 
     #[test]

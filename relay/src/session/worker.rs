@@ -40,6 +40,10 @@ const WAKE_PARKED: u32 = 2;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Ticks between memory trims (heap, receive-buffer pages): once a second.
 const TRIM_EVERY: u32 = 10;
+/// Longest a quiet worker sleeps without a due timer: one minute. (A wake-up costs about
+/// 40 µs of CPU on the 2-core test guests; bench-million's hundred idle relay processes would
+/// otherwise pay ten a second each.)
+const QUIET_MAX_TICKS: u32 = 600;
 /// How long relay keeps reading (and discarding) after its own error answer.
 const LINGER_TICKS: u32 = 20;
 /// A flow stops receiving once this many buffers wait to be sent (backpressure).
@@ -157,7 +161,14 @@ struct Worker {
     stats: Arc<WorkerStats>,
     control: Arc<Control>,
     epoch: Instant,
+    /// Ticks since `epoch`, read after every wait.
     now: u32,
+    /// The tick whose timers and duties (`on_tick`) ran last.
+    ticked: u32,
+    /// `reactor.stats.completed` when `on_tick` last ran: unchanged means nothing happened.
+    completed_at_tick: u64,
+    /// The tick at or after which the next memory trim runs.
+    next_trim: u32,
     starved: Vec<(u32, u32, Dir)>,
     max_connections: usize,
     draining: Option<u32>,
@@ -186,7 +197,8 @@ struct Worker {
     /// Connections accepted, upgraded and closed when the heap was last trimmed
     /// (`sys::trim_heap`).
     trimmed_at_churn: u64,
-    /// Completions reaped when the receive buffers' pages were last released.
+    /// Completions reaped when the receive buffers' pages were last released (or that was
+    /// last tried).
     released_at_completed: u64,
 }
 
@@ -258,6 +270,9 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         control: init.control,
         epoch: Instant::now(),
         now: 0,
+        ticked: 0,
+        completed_at_tick: 0,
+        next_trim: TRIM_EVERY,
         starved: Vec::new(),
         max_connections: init.max_connections,
         draining: None,
@@ -322,26 +337,30 @@ impl Worker {
         let mut cqes = Vec::with_capacity(4096);
         let mut due: Vec<TimerEntry> = Vec::new();
         loop {
-            let elapsed = self.epoch.elapsed();
-            let next = TICK * (self.now + 1);
-            let wait = next.saturating_sub(elapsed).max(Duration::from_micros(100));
+            let next = TICK * self.next_wake();
+            let wait = next
+                .saturating_sub(self.epoch.elapsed())
+                .max(Duration::from_micros(100));
             if let Err(e) = self.reactor.wait(wait) {
                 tracing::error!(worker = self.id, "io_uring_enter failed: {e}");
                 break;
             }
+            // The clock first: a quiet worker may have slept for many ticks, and the
+            // completions below arm deadlines and stamp activity from `now`.
+            self.now = (self.epoch.elapsed().as_millis() / TICK.as_millis()) as u32;
             self.reactor.reap(&mut cqes);
             for c in cqes.drain(..) {
                 self.on_completion(c);
             }
-            let tick = (self.epoch.elapsed().as_millis() / TICK.as_millis()) as u32;
-            if tick != self.now {
-                self.now = tick;
-                self.wheel.advance(tick, &mut due);
+            if self.now != self.ticked {
+                self.ticked = self.now;
+                self.wheel.advance(self.now, &mut due);
                 for e in due.drain(..) {
                     self.on_timer(e);
                 }
                 self.on_tick();
             }
+            self.check_control();
             self.rearm_starved();
             self.publish();
             if self.draining.is_some() && self.sessions.is_empty() {
@@ -380,22 +399,57 @@ impl Worker {
         }
     }
 
+    /// The tick to wake at unless a completion comes first: the next one while anything is
+    /// going on, else (quiet) the next due timer. Completions wake the ring at any time, and
+    /// the main thread's drain and stop signal the room-inbox eventfd.
+    fn next_wake(&self) -> u32 {
+        let next = self.now + 1;
+        if !self.quiet() {
+            return next;
+        }
+        // The wheel sees one lap ahead; never sleep past what it can see.
+        let horizon = self.wheel.cursor() + QUIET_MAX_TICKS.min(self.wheel.lap() - 1);
+        self.wheel.next_due(horizon).unwrap_or(horizon).max(next)
+    }
+
+    /// Nothing happened since the last tick and no tick duty is pending: no completion,
+    /// no trim owed, no receive waiting for buffers, no idle pipe to close, no accept
+    /// back-off, no drain, no records to hand over.
+    fn quiet(&self) -> bool {
+        let done = self.reactor.stats.completed;
+        done == self.completed_at_tick
+            && done == self.released_at_completed
+            && self.churn() == self.trimmed_at_churn
+            && self.starved.is_empty()
+            && self.pipes.is_empty()
+            && self.accept_retry.is_none()
+            && self.draining.is_none()
+            && self.records.is_empty()
+    }
+
+    /// Connections accepted, upgraded and closed so far.
+    fn churn(&self) -> u64 {
+        let c = &self.counters;
+        c.accepted + c.upgraded + c.closed.iter().sum::<u64>()
+    }
+
     fn on_tick(&mut self) {
         self.publish_slow();
         // Once a second, memory that a burst touched goes back to the kernel instead of
         // staying resident at the burst's peak: the heap pages that handshakes allocated and
         // freed (if connections came, were upgraded or went), and the receive buffers' pages
-        // (if the ring was used and no buffer is in use now).
-        if self.now % TRIM_EVERY == 0 {
-            let c = &self.counters;
-            let churn = c.accepted + c.upgraded + c.closed.iter().sum::<u64>();
+        // (if the ring was used; released only if no buffer is in use now).
+        if self.now >= self.next_trim {
+            self.next_trim = self.now + TRIM_EVERY;
+            let churn = self.churn();
             if churn != self.trimmed_at_churn {
                 self.trimmed_at_churn = churn;
                 sys::trim_heap();
             }
             let done = self.reactor.stats.completed;
-            if done != self.released_at_completed && self.reactor.release_buffer_pages() {
+            if done != self.released_at_completed {
                 self.released_at_completed = done;
+                self.reactor.release_buffer_pages();
             }
         }
         // Idle costs nothing: pipes nobody borrowed during the last tick are closed.
@@ -414,10 +468,7 @@ impl Worker {
                 }
             }
         }
-        let drain = self.control.drain.load(Ordering::Acquire);
-        if drain && self.draining.is_none() {
-            self.start_drain();
-        }
+        self.check_control();
         let stop_now = self.control.stop.load(Ordering::Acquire);
         if let Some(deadline) = self.draining {
             if stop_now || self.now >= deadline {
@@ -427,6 +478,17 @@ impl Worker {
                     self.maybe_free(slot);
                 }
             }
+        }
+        self.completed_at_tick = self.reactor.stats.completed;
+    }
+
+    /// Starts the drain once the main thread asks for it. Read after every wake-up: the main
+    /// thread signals the inbox eventfd when it raises the flag, so a quiet worker hears it
+    /// at once. (While draining the worker ticks, and `on_tick` handles the stop flag and the
+    /// deadline.)
+    fn check_control(&mut self) {
+        if self.draining.is_none() && self.control.drain.load(Ordering::Acquire) {
+            self.start_drain();
         }
     }
 
