@@ -10,8 +10,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -21,12 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 const N: usize = 9_000;
 
 /// Origin that answers every upgrade with a correct 101 and then holds the socket.
-async fn hold_origin(l: TcpListener, held: Arc<AtomicUsize>) {
+async fn hold_origin(l: TcpListener) {
     loop {
         let Ok((mut s, _)) = l.accept().await else {
             continue;
         };
-        let held = held.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
             let mut n = 0;
@@ -46,7 +43,6 @@ async fn hold_origin(l: TcpListener, held: Arc<AtomicUsize>) {
             if s.write_all(answer.as_bytes()).await.is_err() {
                 return;
             }
-            held.fetch_add(1, Ordering::SeqCst);
             let mut b = [0u8; 1];
             let _ = s.read(&mut b).await;
         });
@@ -68,17 +64,22 @@ async fn open(relay: std::net::SocketAddr) -> TcpStream {
     s
 }
 
-#[test]
-fn idle_relayed_connection_costs_under_512_bytes_of_relay_rss() {
+/// A tokio runtime for the clients, and a holding origin on it.
+fn runtime_and_origin() -> (tokio::runtime::Runtime, std::net::SocketAddr) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let held = Arc::new(AtomicUsize::new(0));
     let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
     let origin = listener.local_addr().unwrap();
-    rt.spawn(hold_origin(listener, held.clone()));
+    rt.spawn(hold_origin(listener));
+    (rt, origin)
+}
+
+#[test]
+fn idle_relayed_connection_costs_under_512_bytes_of_relay_rss() {
+    let (rt, origin) = runtime_and_origin();
 
     let relay = Relay::quick(origin, &["--workers", "2"]);
     let addr = relay.addr;
@@ -158,15 +159,7 @@ fn context_switches(pid: u32) -> std::collections::BTreeMap<String, u64> {
 
 #[test]
 fn idle_relay_sleeps_until_something_happens_and_still_drains_at_once() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let held = Arc::new(AtomicUsize::new(0));
-    let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
-    let origin = listener.local_addr().unwrap();
-    rt.spawn(hold_origin(listener, held.clone()));
+    let (rt, origin) = runtime_and_origin();
 
     // Short handshake deadlines: their wheel entries stay armed after the upgrade (entries are
     // never removed early) and wake the worker once when they fall due, ignored. With 1 s

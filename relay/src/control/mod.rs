@@ -312,17 +312,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 control.stop.store(true, Ordering::Release);
                 hub.wake_all();
                 signal_handle.close();
-                for h in handles {
-                    if h.thread.join().is_err() {
-                        tracing::error!(worker = h.id, "worker thread panicked");
-                    }
-                }
-                if let Some(a) = admin {
-                    a.stop();
-                }
-                if let Some(a) = access_log {
-                    a.finish();
-                }
+                finish(handles, admin, access_log);
                 return Err(
                     "a worker thread panicked (see the log above); exiting with failure".into(),
                 );
@@ -330,6 +320,17 @@ pub fn run(cfg: Config) -> Result<(), String> {
         }
     }
     signal_handle.close();
+    finish(handles, admin, access_log);
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+/// Joins the worker threads, then stops the admin listener and flushes the access log.
+fn finish(
+    handles: Vec<WorkerHandle>,
+    admin: Option<admin::Admin>,
+    access_log: Option<access_log::AccessLog>,
+) {
     for h in handles {
         if h.thread.join().is_err() {
             tracing::error!(worker = h.id, "worker thread panicked");
@@ -342,6 +343,4 @@ pub fn run(cfg: Config) -> Result<(), String> {
     if let Some(a) = access_log {
         a.finish();
     }
-    tracing::info!("relay stopped");
-    Ok(())
 }
