@@ -75,6 +75,36 @@ def sockstat():
     return out
 
 
+# TCP counters that tell why connections fail on a saturated box: queues that overflowed,
+# packets dropped before TCP saw them, retransmissions and timeouts.
+TCP_COUNTERS = {
+    "TcpExt": ["ListenOverflows", "ListenDrops", "TCPReqQFullDrop", "TCPReqQFullDoCookies",
+               "SyncookiesSent", "TCPBacklogDrop", "TCPSynRetrans", "TCPTimeouts",
+               "TCPAbortOnTimeout", "TCPAbortOnMemory", "TCPMemoryPressures", "TCPRcvQDrop",
+               "PruneCalled", "TCPOFODrop"],
+    "Tcp": ["RetransSegs", "AttemptFails", "InErrs", "OutRsts"],
+}
+
+
+def tcp_counters():
+    """Selected /proc/net/netstat and /proc/net/snmp counters, plus softnet backlog drops."""
+    out = {}
+    for path in ("/proc/net/netstat", "/proc/net/snmp"):
+        lines = read(path).splitlines()
+        for names, values in zip(lines[0::2], lines[1::2]):
+            proto, _, names = names.partition(":")
+            want = TCP_COUNTERS.get(proto)
+            if not want:
+                continue
+            for k, v in zip(names.split(), values.partition(":")[2].split()):
+                if k in want:
+                    out[f"{proto}.{k}"] = int(v)
+    # /proc/net/softnet_stat: one line per CPU, hex; column 2 = packets dropped because the
+    # CPU's input backlog (netdev_max_backlog; all loopback traffic passes it) was full.
+    out["softnet.dropped"] = sum(int(l.split()[1], 16) for l in read("/proc/net/softnet_stat").splitlines() if l.strip())
+    return out
+
+
 def slabinfo():
     """{cache: {"active": n, "num": n, "objsize": b, "bytes": slab bytes}}"""
     out = {}
@@ -165,7 +195,7 @@ def relay_metrics(port, timeout=2.0):
         c.close()
     except (OSError, http.client.HTTPException):
         return None
-    sums = {"active": 0, "accepted": 0, "upgraded": 0, "refused": 0}
+    sums = {"active": 0, "accepted": 0, "upgraded": 0, "refused": 0, "refused_by_status": {}}
     names = {
         "relay_connections_active": "active",
         "relay_connections_accepted_total": "accepted",
@@ -177,6 +207,16 @@ def relay_metrics(port, timeout=2.0):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
         k = names.get(name)
+        if k == "refused":
+            m = re.search(r'status="([^"]*)"', line)
+            if m:
+                try:
+                    n = int(float(line.rsplit(" ", 1)[1]))
+                except ValueError:
+                    n = 0
+                if n:
+                    st = sums["refused_by_status"]
+                    st[m.group(1)] = st.get(m.group(1), 0) + n
         if k:
             try:
                 sums[k] += int(float(line.rsplit(" ", 1)[1]))
@@ -354,11 +394,17 @@ def cmd_snapshot(a):
         "slab": slabinfo(),
         "conntrack": conntrack(),
         "rss": group_rss(procs),
+        "tcp": tcp_counters(),
     }
     relays = [port for g, _, port in procs if g == "relay" and port]
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
         answers = list(pool.map(relay_metrics, relays))
     snap["relay_active"] = sum(m["active"] for m in answers if m)
+    by_status = {}
+    for m in answers:
+        for k, v in (m or {}).get("refused_by_status", {}).items():
+            by_status[k] = by_status.get(k, 0) + v
+    snap["relay_refused_by_status"] = by_status
     snap["relays_reporting"] = sum(1 for m in answers if m)
     snap["relays"] = len(relays)
     snap["load"] = load_progress(a.dir)
@@ -583,7 +629,14 @@ def cmd_report(a):
 
     mem = {}
     if base and hold:
-        held = hold.get("relay_active") or held_min
+        # The relays' own count, if every relay answered the snapshot's admin request; else
+        # the load processes' count of open connections.
+        if hold.get("relays_reporting") == hold.get("relays"):
+            held = hold.get("relay_active") or held_min
+        else:
+            held = (hold.get("load") or {}).get("open") or held_min
+        mem["connections_counted_by"] = ("relays" if hold.get("relays_reporting") == hold.get("relays")
+                                         else "load processes (not every relay answered)")
         sockets = hold["sockstat"].get("inuse", 0) - base["sockstat"].get("inuse", 0)
         exp_sockets = per_conn_sockets * held
         mem["connections_at_snapshot"] = held
@@ -657,6 +710,20 @@ def cmd_report(a):
         mem["slab_kib_base"] = base["meminfo"].get("Slab")
         mem["slab_kib_hold"] = hold["meminfo"].get("Slab")
     res["memory"] = mem
+    # Why connections failed: the load processes' own lines, the relays' refusals by status,
+    # and the kernel's TCP counters from the base snapshot to the hold snapshot (the ramp).
+    reasons = {}
+    for path in glob.glob(os.path.join(run, "load-*.err")):
+        for line in read(path).splitlines():
+            m = re.search(r"(handshake|connect) failure: (.*)", line)
+            if m:
+                key = f"{m.group(1)}: {m.group(2).strip()}"
+                reasons[key] = reasons.get(key, 0) + 1
+    res["failure_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+    res["relay_refused_by_status"] = hold.get("relay_refused_by_status", {})
+    if base.get("tcp") and hold.get("tcp"):
+        res["tcp_counters_ramp"] = {k: hold["tcp"][k] - base["tcp"].get(k, 0)
+                                    for k in hold["tcp"] if hold["tcp"][k] != base["tcp"].get(k, 0)}
     # Held: every load process opened its share and lost none (a lost open connection counts
     # in "errors"), the hold window ran to its end, and the relays counted all N (in every
     # sample in which all of them answered) and the load processes too.
@@ -723,6 +790,16 @@ def summary_md(res, plan, run, svg_copy):
     f = res["failures"]
     lines.append(f"- Failures: connect {f['connect']}, handshake {f['handshake']}, errors {f['errors']}, "
                  f"verify {f['verify']}, load processes without a report {f['load_processes_without_json']}")
+    if res.get("failure_reasons"):
+        lines.append("- Failure reasons (load processes): " + "; ".join(
+            f"{v} × {k}" for k, v in res["failure_reasons"].items()))
+    if res.get("relay_refused_by_status"):
+        lines.append("- Relay refusals by status (at the hold snapshot): " + ", ".join(
+            f"{k}: {v}" for k, v in sorted(res["relay_refused_by_status"].items())))
+    if "tcp_counters_ramp" in res:
+        tc = res["tcp_counters_ramp"]
+        lines.append("- TCP counters that moved from the base to the hold snapshot: "
+                     + (", ".join(f"{k} {v:,}" for k, v in sorted(tc.items())) if tc else "none"))
     if m:
         lines.append("")
         lines.append("| per connection / per socket | bytes |")

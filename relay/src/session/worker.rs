@@ -399,32 +399,31 @@ impl Worker {
         }
     }
 
-    /// The tick to wake at unless a completion comes first: the next one while anything is
-    /// going on, else (quiet) the next due timer. Completions wake the ring at any time, and
+    /// The tick to wake at unless a completion comes first. The next tick while a tick duty
+    /// is pending (a receive waiting for buffers, an idle pipe to close, an accept back-off,
+    /// a drain, access records to hand over) or something happened since the last tick (its
+    /// counters and records get published on the next one). Otherwise the worker is quiet:
+    /// it sleeps until the wheel's next due entry or, if connections came or went or bytes
+    /// moved since the last trim, the next trim. Completions wake the ring at any time, and
     /// the main thread's drain and stop signal the room-inbox eventfd.
     fn next_wake(&self) -> u32 {
         let next = self.now + 1;
-        if !self.quiet() {
+        let done = self.reactor.stats.completed;
+        if done != self.completed_at_tick
+            || !self.starved.is_empty()
+            || !self.pipes.is_empty()
+            || self.accept_retry.is_some()
+            || self.draining.is_some()
+            || !self.records.is_empty()
+        {
             return next;
         }
         // The wheel sees one lap ahead; never sleep past what it can see.
-        let horizon = self.wheel.cursor() + QUIET_MAX_TICKS.min(self.wheel.lap() - 1);
+        let mut horizon = self.wheel.cursor() + QUIET_MAX_TICKS.min(self.wheel.lap() - 1);
+        if done != self.released_at_completed || self.churn() != self.trimmed_at_churn {
+            horizon = horizon.min(self.next_trim);
+        }
         self.wheel.next_due(horizon).unwrap_or(horizon).max(next)
-    }
-
-    /// Nothing happened since the last tick and no tick duty is pending: no completion,
-    /// no trim owed, no receive waiting for buffers, no idle pipe to close, no accept
-    /// back-off, no drain, no records to hand over.
-    fn quiet(&self) -> bool {
-        let done = self.reactor.stats.completed;
-        done == self.completed_at_tick
-            && done == self.released_at_completed
-            && self.churn() == self.trimmed_at_churn
-            && self.starved.is_empty()
-            && self.pipes.is_empty()
-            && self.accept_retry.is_none()
-            && self.draining.is_none()
-            && self.records.is_empty()
     }
 
     /// Connections accepted, upgraded and closed so far.
