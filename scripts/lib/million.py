@@ -163,6 +163,24 @@ def proc_ticks(pid):
     return int(f[11]) + int(f[12])  # utime + stime (fields 14, 15)
 
 
+def other_cpu_ticks(ours):
+    """CPU ticks (utime+stime) of every process not started by the benchmark, summed by name:
+    kernel threads (kswapd0, kcompactd0, ksoftirqd/N) and the VM's own agents compete with the
+    benchmark for the same two CPUs."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) in ours:
+            continue
+        s = read(f"/proc/{d}/stat")
+        if not s:
+            continue
+        name = s[s.find("(") + 1:s.rfind(")")]
+        t = proc_ticks(d) or 0
+        if t:
+            out[name] = out.get(name, 0) + t
+    return out
+
+
 def load_procs(run):
     procs = []
     for line in read(os.path.join(run, "procs.txt")).splitlines():
@@ -395,6 +413,7 @@ def cmd_snapshot(a):
         "conntrack": conntrack(),
         "rss": group_rss(procs),
         "tcp": tcp_counters(),
+        "other_cpu_ticks": other_cpu_ticks({pid for _, pid, _ in procs} | {os.getpid(), os.getppid()}),
     }
     relays = [port for g, _, port in procs if g == "relay" and port]
     with concurrent.futures.ThreadPoolExecutor(max_workers=32) as pool:
@@ -721,6 +740,15 @@ def cmd_report(a):
                 reasons[key] = reasons.get(key, 0) + 1
     res["failure_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
     res["relay_refused_by_status"] = hold.get("relay_refused_by_status", {})
+    # CPU that processes outside the benchmark took from the base to the hold snapshot.
+    if base.get("other_cpu_ticks") and hold.get("other_cpu_ticks") and hold["time"] > base["time"]:
+        span = hold["time"] - base["time"]
+        deltas = {k: v - base["other_cpu_ticks"].get(k, 0) for k, v in hold["other_cpu_ticks"].items()}
+        top = sorted(((k, d) for k, d in deltas.items() if d > 0), key=lambda kv: -kv[1])
+        res["other_processes_cpu_pct_ramp"] = {
+            "total": round(sum(d for _, d in top) / CLK_TCK / span * 100, 1),
+            "top": {k: round(d / CLK_TCK / span * 100, 1) for k, d in top[:6]},
+        }
     if base.get("tcp") and hold.get("tcp"):
         res["tcp_counters_ramp"] = {k: hold["tcp"][k] - base["tcp"].get(k, 0)
                                     for k in hold["tcp"] if hold["tcp"][k] != base["tcp"].get(k, 0)}
@@ -796,6 +824,11 @@ def summary_md(res, plan, run, svg_copy):
     if res.get("relay_refused_by_status"):
         lines.append("- Relay refusals by status (at the hold snapshot): " + ", ".join(
             f"{k}: {v}" for k, v in sorted(res["relay_refused_by_status"].items())))
+    if res.get("other_processes_cpu_pct_ramp"):
+        o = res["other_processes_cpu_pct_ramp"]
+        lines.append(f"- CPU taken by processes outside the benchmark from the base to the hold snapshot: "
+                     f"{o['total']} % (100 % = one core): "
+                     + ", ".join(f"{k} {v} %" for k, v in o["top"].items()))
     if "tcp_counters_ramp" in res:
         tc = res["tcp_counters_ramp"]
         lines.append("- TCP counters that moved from the base to the hold snapshot: "
