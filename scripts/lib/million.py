@@ -654,6 +654,10 @@ def cmd_report(a):
             held = hold.get("relay_active") or held_min
         else:
             held = (hold.get("load") or {}).get("open") or held_min
+    if base and hold and not held:
+        mem["note"] = ("no per-connection figures: at the hold snapshot not every relay answered "
+                       "and no load process reported open connections")
+    if base and hold and held:
         mem["connections_counted_by"] = ("relays" if hold.get("relays_reporting") == hold.get("relays")
                                          else "load processes (not every relay answered)")
         sockets = hold["sockstat"].get("inuse", 0) - base["sockstat"].get("inuse", 0)
@@ -833,7 +837,9 @@ def summary_md(res, plan, run, svg_copy):
         tc = res["tcp_counters_ramp"]
         lines.append("- TCP counters that moved from the base to the hold snapshot: "
                      + (", ".join(f"{k} {v:,}" for k, v in sorted(tc.items())) if tc else "none"))
-    if m:
+    if m.get("note"):
+        lines.append(f"- Memory: {m['note']}")
+    if "relay_rss_bytes_per_conn" in m:
         lines.append("")
         lines.append("| per connection / per socket | bytes |")
         lines.append("|---|---:|")
