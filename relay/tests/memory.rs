@@ -213,14 +213,9 @@ pool = "p"
         "an idle relay woke {woke} times in 3 s: {per_thread:?}"
     );
 
-    // Still alive and on time: a new connection is relayed, and its bytes go both ways.
-    let mut extra = rt.block_on(open(addr));
-    rt.block_on(async {
-        extra
-            .write_all(&client_frame(0x1, b"still awake"))
-            .await
-            .unwrap();
-    });
+    // Still alive: a new connection is upgraded through the origin (`open` checks the 101)
+    // and counted. (No data on it: the holding origin ends a connection at its first byte.)
+    let extra = rt.block_on(open(addr));
     relay.wait_for("the new connection", Duration::from_secs(5), |r| {
         r.active() == 501.0
     });
