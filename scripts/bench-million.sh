@@ -38,9 +38,10 @@
 #      line on stderr), then the load processes: --rate R split over them, each connection
 #      sending one --size B message every --trickle s and verifying the echo.
 #   6. Once every load process has finished its ramp: hold window of --hold s (snapshot in the
-#      middle), then waits for the load processes to end (they hold a little longer than the
-#      window, to cover their ramps ending at slightly different times), stops relays and
-#      origins by PID, stops the sampler, reverts the sysctls.
+#      middle), then ends every load process's hold at once with SIGUSR1 (their own --hold is
+#      only a backstop: their ramps end at different times, up to tens of seconds apart on a
+#      busy box) and waits for their reports, stops relays and origins by PID, stops the
+#      sampler, reverts the sysctls.
 #   7. Writes bench-results/million-MODE-DATE/{plan,result}.json, samples.jsonl, million.svg
 #      (connections and memory against time) and summary.md; --docs also replaces this mode's
 #      block between <!-- bench-million:MODE:begin/end --> markers in docs/benchmarks.md
@@ -419,8 +420,9 @@ if [ -n "$RAISE_TO" ]; then
 fi
 
 TOTAL_S=$((MAX_RAMP + HOLD + 600))
-HOLD_SLACK=$((10 + N / RATE / 20))
-LOAD_HOLD=$((HOLD + HOLD_SLACK))
+# The load processes hold until this script ends the window with SIGUSR1; their --hold only
+# backstops a script that died (a process whose ramp ended first still outlasts the window).
+LOAD_HOLD=$((MAX_RAMP + HOLD + 60))
 
 spawn() { # spawn GROUP ADMINPORT LOGBASE CMD...: run under timeout(1), record the PIDs
     local group=$1 port=$2 logb=$3 child i
@@ -560,7 +562,7 @@ SAMPLER=$!
 
 echo ramp >"$RUN/phase"
 ev load_start
-log "starting $LOADS load process(es): $(commas "$N") connections at $(commas "$RATE")/s, each process holds $LOAD_HOLD s after its ramp"
+log "starting $LOADS load process(es): $(commas "$N") connections at $(commas "$RATE")/s, each holds until the hold window ends"
 PER_RATE=$(awk -v r="$RATE" -v l="$LOADS" 'BEGIN { printf "%.3f", r / l }')
 PENDING=$((4096 / LOADS))
 [ "$PENDING" -lt 32 ] && PENDING=32
@@ -576,7 +578,7 @@ for ((j = 0; j < LOADS; j++)); do
     spawn load "" "$RUN/load-$j" "$BENCH_BIN" load --mode hold --target "127.0.0.1:$RPORT" \
         --connections "$share" --rate "$PER_RATE" --max-pending "$PENDING" --connect-timeout 30 \
         --source-range "127.$b.$c.1-127.$b.$c.254" --hold "$LOAD_HOLD" "${targs[@]}" --threads 1 \
-        --max-seconds $((MAX_RAMP + LOAD_HOLD + 120)) --json "$RUN/load-$j.json"
+        --max-seconds $((MAX_RAMP + HOLD + 180)) --json "$RUN/load-$j.json"
     LOAD_TPIDS+=("$SPAWNED")
 done
 
@@ -630,11 +632,11 @@ log "ramp/hold result: $RESULT"
 # ---- teardown -----------------------------------------------------------------------------------
 echo teardown >"$RUN/phase"
 if [ "$RESULT" = held ]; then
-    # The load processes end by themselves (their --hold covers the window plus the spread of
-    # their ramp ends) and write their JSON.
-    log "waiting for the load processes to finish and report"
+    # SIGUSR1 ends each load process's hold now; it closes its connections and writes its JSON.
+    log "ending the load processes' holds (SIGUSR1) and waiting for their reports"
+    for ((j = 0; j < LOADS; j++)); do kill -USR1 "${CPIDS[$((ORIGINS + RELAYS + j))]}" 2>/dev/null || true; done
+    end=$((SECONDS + 120))
     for t in "${LOAD_TPIDS[@]}"; do
-        end=$((SECONDS + HOLD_SLACK + 120))
         while kill -0 "$t" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 1; done
     done
 fi

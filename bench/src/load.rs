@@ -299,6 +299,12 @@ pub fn run(a: LoadArgs) -> Result<Report> {
         );
     }
 
+    // SIGUSR1 ends the hold (or the throughput window, or the ramp) now: the connections are
+    // closed and the report written as at the end of --hold.
+    let usr1 = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGUSR1, usr1.clone())?;
+    let mut stopped_by_signal = false;
+
     let t0 = Instant::now();
     let cap = Duration::from_secs(a.max_seconds.max(1));
     let mut stopped_by_cap = false;
@@ -329,6 +335,14 @@ pub fn run(a: LoadArgs) -> Result<Report> {
             eprintln!("load: --max-seconds {} reached, stopping", a.max_seconds);
             sh.stop.store(true, Relaxed);
             stopped_by_cap = true;
+        }
+        if !stopped_by_signal && usr1.load(Relaxed) {
+            eprintln!(
+                "load: SIGUSR1, ending the {} now",
+                if main_phase_started { "hold" } else { "ramp" }
+            );
+            sh.stop.store(true, Relaxed);
+            stopped_by_signal = true;
         }
         if last_print.elapsed() >= Duration::from_secs(1) {
             let dt = last_print.elapsed().as_secs_f64();
@@ -429,6 +443,7 @@ pub fn run(a: LoadArgs) -> Result<Report> {
             _ => None,
         },
         stopped_by_max_seconds: stopped_by_cap,
+        stopped_by_signal,
         tls: a.tls.as_ref().map(|t| report::TlsFigures {
             sni: t.opts.sni.clone(),
             verify: match &t.opts.verify {

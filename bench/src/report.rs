@@ -78,6 +78,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loader_rss_bytes_per_conn: Option<f64>,
     pub stopped_by_max_seconds: bool,
+    /// SIGUSR1 ended the run (a script ending many load processes' holds at once).
+    pub stopped_by_signal: bool,
     /// wss runs only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsFigures>,
@@ -174,6 +176,8 @@ impl Report {
             self.verify_failures,
             if self.stopped_by_max_seconds {
                 "  (stopped by --max-seconds)"
+            } else if self.stopped_by_signal {
+                "  (ended by SIGUSR1)"
             } else {
                 ""
             }
