@@ -860,7 +860,7 @@ def summary_md(res, plan, run, svg_copy):
             lines.append(f"| kernel / socket without the /proc/PID/fd caches | "
                          f"{m['kernel_bytes_per_socket_without_proc_fd_caches']:,.0f} |")
         lines.append(f"| &nbsp;&nbsp;other slab caches | {m['slab_other_bytes_per_socket']:,.0f} |")
-        lines.append(f"| &nbsp;&nbsp;TCP buffer pages (sockstat mem) | {m['tcp_buffer_bytes_per_socket']:,.0f} |")
+        lines.append(f"| &nbsp;&nbsp;TCP buffer pages (sockstat mem) | {round(m['tcp_buffer_bytes_per_socket']):,} |")
         lines.append(f"| machine-wide check: (used delta − user delta) / socket | "
                      f"{m['machine_used_per_socket_minus_user']:,.0f} |")
         lines.append("")
