@@ -533,7 +533,8 @@ if [ $DO_TPUT = 1 ]; then
                     (sort_by(.msgs_per_s // 0)) as $sorted
                     | $sorted[(length - 1) / 2 | floor] + {kind: "throughput", cell: $cell, peer: $peer,
                         connections: $c, inflight: $k, size: $s,
-                        runs_msgs_per_s: [.[] | .msgs_per_s], runs_failed: ([.[] | select(.ok | not)] | length)}' "$RUN_DIR/tput-$cell-$peer.runs.jsonl")"
+                        runs_msgs_per_s: [.[] | .msgs_per_s], runs_cpu_us_per_msg: [.[] | .proxy_cpu_us_per_msg],
+                        runs_p99_us: [.[] | .rtt_us.p99], runs_failed: ([.[] | select(.ok | not)] | length)}' "$RUN_DIR/tput-$cell-$peer.runs.jsonl")"
             done
         done
     done

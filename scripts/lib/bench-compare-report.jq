@@ -26,6 +26,13 @@ def note:
     (if (.runs_failed // 0) > 0 then "\(.runs_failed) of \(.runs_msgs_per_s | length) runs failed" else empty end),
     (if (.runs_msgs_per_s // [] | length) > 1 then "runs: " + (.runs_msgs_per_s | map(si) | join(", ")) else empty end)
   ] | join("; ") | gsub("\\|"; "/") | gsub("\n"; " ");
+def median: sort | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
+# Round i of a cell ran every peer once, back to back, so round-i figures of two peers saw the
+# same machine; on a guest whose speed drifts by tens of percent between minutes this pairing
+# says more than comparing two medians. $a, $b: per-round arrays (relay's, the peer's).
+def pairs($a; $b): [range(0; [($a | length), ($b | length)] | min) | select($a[.] != null and $b[.] != null and $a[.] > 0 and $b[.] > 0) | [$a[.], $b[.]]];
+def won($p; $better): ($p | map(select(if $better == "higher" then .[0] > .[1] else .[0] < .[1] end)) | length | tostring) + " of " + ($p | length | tostring);
+def pratio($p): if ($p | length) == 0 then "–" else ($p | map(.[1] / .[0]) | median | fixed(2)) + "×" end;
 def good: .ok == true or (.msgs_per_s // 0) > 0 or (.held // 0) > 0;
 
 .results as $all
@@ -43,6 +50,20 @@ def good: .ok == true or (.msgs_per_s // 0) > 0 or (.held // 0) > 0;
         else
           "| \(.cell) | \(.peer) | FAILED | | | | | | | | | | | | | \(note) |"
         end),
+    ""
+  else empty end),
+  (if ([$all[] | select(.kind == "throughput" and .peer == "relay" and ((.runs_cpu_us_per_msg // []) | length) > 1)] | length) > 0 then
+    "#### Round by round: relay against each peer in the same round\n",
+    "Each round runs every peer once, back to back; \"relay ahead\" counts the rounds in which relay had more msgs/s, less proxy CPU per message, a lower p99. Ratios: the median over rounds of the peer's figure ÷ relay's in that round.\n",
+    "| cell | peer | rounds relay ahead: msgs/s | CPU-µs/msg | p99 | msgs/s ×relay | CPU-µs/msg ×relay | p99 ×relay |",
+    "|---|---|--:|--:|--:|--:|--:|--:|",
+    ($tcells[] as $c | ($all | map(select(.kind == "throughput" and .cell == $c and .peer == "relay")) | first) as $rl
+      | select($rl != null and (($rl.runs_cpu_us_per_msg // []) | length) > 1)
+      | $all[] | select(.kind == "throughput" and .cell == $c and .peer != "relay" and .peer != "direct" and good)
+      | pairs($rl.runs_msgs_per_s; .runs_msgs_per_s) as $m
+      | pairs($rl.runs_cpu_us_per_msg; .runs_cpu_us_per_msg // []) as $u
+      | pairs($rl.runs_p99_us; .runs_p99_us // []) as $l
+      | "| \($c) | \(.peer) | \(won($m; "higher")) | \(won($u; "lower")) | \(won($l; "lower")) | \(pratio($m)) | \(pratio($u)) | \(pratio($l)) |"),
     ""
   else empty end),
   (if ($icells | length) > 0 then
