@@ -18,6 +18,9 @@ pub use raw::RawConfig;
 
 /// The configuration `relay` runs with when started without `--config` or `--origin`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+/// Longest `workers.busy_poll` accepted: past a millisecond the spin costs more than any
+/// wake-up it saves.
+const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 
 /// A configuration error that names the offending key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +255,10 @@ pub struct Workers {
     #[serde(serialize_with = "ser_auto")]
     pub count: Option<usize>,
     pub pin: bool,
+    /// Before sleeping on an empty ring, keep polling it this long (`None` = "off": sleep at
+    /// once). Spends CPU to avoid the wake-up latency of an idle CPU (a halted vCPU in a VM).
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub busy_poll: Option<Duration>,
 }
 
 /// Where billing records go.
@@ -561,6 +568,22 @@ impl Config {
                 raw::Count::N(n) => Some(*n as usize),
             },
             pin: raw.workers.pin,
+            busy_poll: match raw.workers.busy_poll.trim() {
+                "off" | "0" => None,
+                v => match parse_duration("workers.busy_poll", v)? {
+                    d if d.is_zero() => None,
+                    d if d > MAX_BUSY_POLL => {
+                        return Err(ConfigError::new(
+                            "workers.busy_poll",
+                            format!(
+                                "{v:?} is longer than {MAX_BUSY_POLL:?}: a worker spins this long \
+                                 each time its ring runs empty; use e.g. \"50us\", or \"off\""
+                            ),
+                        ))
+                    }
+                    d => Some(d),
+                },
+            },
         };
         if raw.listeners.is_empty() {
             return Err(ConfigError::new(

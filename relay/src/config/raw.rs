@@ -51,6 +51,7 @@ pub struct RawConfig {
 pub struct RawWorkers {
     pub count: Count,
     pub pin: bool,
+    pub busy_poll: String,
 }
 
 impl Default for RawWorkers {
@@ -58,6 +59,7 @@ impl Default for RawWorkers {
         RawWorkers {
             count: Count::Auto("auto".into()),
             pin: true,
+            busy_poll: "off".into(),
         }
     }
 }

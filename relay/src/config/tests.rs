@@ -38,6 +38,12 @@ pool = "api"
 fn parses_a_full_config() {
     let c = Config::from_toml(GOOD).unwrap();
     assert_eq!(c.workers.count, Some(2));
+    assert_eq!(c.workers.busy_poll, None, "busy_poll is off unless set");
+    let spin = Config::from_toml(&GOOD.replace("pin = false", "pin = false\nbusy_poll = \"50us\""));
+    assert_eq!(
+        spin.unwrap().workers.busy_poll,
+        Some(Duration::from_micros(50))
+    );
     assert_eq!(c.timeouts.handshake, Duration::from_secs(5));
     assert_eq!(c.timeouts.origin_connect, Duration::from_secs(5));
     assert_eq!(c.limits.max_head_bytes, 8192);
@@ -109,6 +115,17 @@ fn errors_name_the_key() {
 
     let e = err(&GOOD.replace("count = 2", "count = 0"));
     assert!(e.starts_with("workers.count:"), "{e}");
+
+    let e = err(&GOOD.replace("pin = false", "pin = false\nbusy_poll = \"soon\""));
+    assert!(
+        e.starts_with("workers.busy_poll:") && e.contains("not a duration"),
+        "{e}"
+    );
+    let e = err(&GOOD.replace("pin = false", "pin = false\nbusy_poll = \"5ms\""));
+    assert!(
+        e.starts_with("workers.busy_poll:") && e.contains("longer than 1ms"),
+        "{e}"
+    );
 
     let e = err(&GOOD.replace("data_path = \"copy\"", "data_path = \"zero\""));
     assert!(e.starts_with("data_path:"), "{e}");

@@ -470,6 +470,13 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     );
     per_worker(
         &mut o,
+        "relay_busy_poll_hits_total",
+        "counter",
+        "Waits that workers.busy_poll answered by spinning (a completion came before the worker slept).",
+        &|c| c.busy_poll_hits,
+    );
+    per_worker(
+        &mut o,
         "relay_bufring_enobufs_total",
         "counter",
         "Receives that found the buffer ring empty.",

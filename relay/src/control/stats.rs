@@ -126,6 +126,8 @@ pub struct Counters {
     pub submitted: u64,
     pub completed: u64,
     pub cq_overflows: u64,
+    /// Waits answered while spinning (`workers.busy_poll`): no sleep, no wake-up.
+    pub busy_poll_hits: u64,
     pub bufs_provided: u64,
     pub bufs_checked_out: u64,
     pub splices: u64,
@@ -190,7 +192,7 @@ macro_rules! atomic_mirror {
 atomic_mirror!(
     accepted, active, upgraded, bytes_client_to_origin, bytes_origin_to_client, connection_ms,
     origin_connect_failures, accept_errors, enobufs, submitted, completed, cq_overflows,
-    bufs_provided, bufs_checked_out, splices, parked, parks, app_messages_in, app_frames_out, ws_close_1002,
+    busy_poll_hits, bufs_provided, bufs_checked_out, splices, parked, parks, app_messages_in, app_frames_out, ws_close_1002,
     ws_close_1007, ws_close_1009, room_dropped, room_slow_closed, pings_sent, pong_timeouts,
     tls_full, tls_resumed, tls_fail_plain_http, tls_fail_timeout, tls_fail_protocol,
     tls_fail_closed, origin_tls_failures;

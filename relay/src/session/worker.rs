@@ -219,13 +219,23 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
         buf_size: cfg.buffers.size,
         iowq_max: [2, 2],
     };
-    let reactor = match Reactor::new(&rc) {
+    let mut reactor = match Reactor::new(&rc) {
         Ok(r) => r,
         Err(e) => {
             let _ = ready.send(Err(e.to_string()));
             return;
         }
     };
+    if let Some(spin) = cfg.workers.busy_poll {
+        if reactor.taskrun_flag {
+            reactor.set_busy_poll(Some(spin));
+        } else if init.id == 0 {
+            tracing::warn!(
+                "workers.busy_poll ignored: this kernel's io_uring lacks the taskrun flag \
+                 with deferred task running (Linux 6.1+); workers sleep when idle"
+            );
+        }
+    }
     let parking = match Parking::new() {
         Ok(p) => p,
         Err(e) => {
@@ -375,6 +385,7 @@ impl Worker {
         c.submitted = self.reactor.stats.submitted;
         c.completed = self.reactor.stats.completed;
         c.cq_overflows = self.reactor.stats.cq_overflows;
+        c.busy_poll_hits = self.reactor.stats.busy_poll_hits;
         c.bufs_provided = self.reactor.bufs().provided() as u64;
         c.bufs_checked_out = self.reactor.bufs().checked_out() as u64;
         c.active = self.sessions.len() as u64;
