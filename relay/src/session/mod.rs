@@ -21,10 +21,12 @@
 //!   before returning). Freeing a slot recycles whatever its queues still hold.
 //! - Each descriptor is closed exactly once, by `Worker::free`.
 //! - At most one send per direction is in flight, so bytes leave in the order they came.
-//! - A flow is `RecvState::Parked` exactly while its source socket is in the worker's epoll
-//!   set (`reactor/park.rs`): it then has no receive in flight, and `inflight` does not count
-//!   it. Waking removes the socket from the set before a receive is armed; `free` closing the
-//!   socket removes it otherwise.
+//! - A flow is `RecvState::Parked` exactly while its source socket's registration in the
+//!   worker's epoll set (`reactor/park.rs`) is armed: it then has no receive in flight, and
+//!   `inflight` does not count it. The registration is one-shot: the readiness that wakes the
+//!   flow disables it before a receive is armed, and it stays in the set, disabled
+//!   (`Flow::registered`), until the flow parks again and re-arms it. `free` closing the
+//!   socket removes it.
 
 pub mod pool;
 mod worker;
@@ -178,6 +180,9 @@ pub struct Flow {
     pub recv: RecvState,
     /// The pending cancel of this flow's receive is for parking (the flow was silent).
     pub park: bool,
+    /// The source socket has an item in the worker's epoll set (armed while `Parked`,
+    /// disabled by its one-shot event otherwise): parking again re-arms it in place.
+    pub registered: bool,
     /// The source sent FIN.
     pub eof: bool,
     /// We shut down the destination's write side (after forwarding everything).
@@ -202,6 +207,7 @@ impl Flow {
         Flow {
             recv: RecvState::Idle,
             park: false,
+            registered: false,
             eof: false,
             shut: false,
             sending: false,

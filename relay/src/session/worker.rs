@@ -941,6 +941,7 @@ impl Worker {
             Ok(fd) => {
                 ps.acquire(i);
                 s.origin = fd;
+                s.down.registered = false;
                 s.origin_idx = i as u16;
                 s.phase = Phase::Connecting;
                 s.phase_since = now;
@@ -1643,9 +1644,12 @@ impl Worker {
     fn park(&mut self, slot: usize, dir: Dir) {
         let token = self.tok(dir.recv_op(), slot);
         let s = &mut self.sessions[slot];
-        match self.parking.park(s.src(dir), token) {
+        let registered = s.flow(dir).registered;
+        match self.parking.park(s.src(dir), token, registered) {
             Ok(()) => {
-                s.flow_mut(dir).recv = RecvState::Parked;
+                let f = s.flow_mut(dir);
+                f.recv = RecvState::Parked;
+                f.registered = true;
                 self.counters.parked += 1;
                 self.counters.parks += 1;
             }
@@ -1696,7 +1700,7 @@ impl Worker {
             if s.gen != tok.gen || s.flow(dir).recv != RecvState::Parked {
                 continue;
             }
-            self.parking.unpark(s.src(dir));
+            // The one-shot event disabled the registration; it stays for the next park.
             s.flow_mut(dir).recv = RecvState::Idle;
             s.last_active = now;
             self.counters.parked -= 1;
