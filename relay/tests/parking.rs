@@ -32,7 +32,8 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_relayed_connections_park_and_wake_from_either_side() {
     let origin = ws_origin(OriginMode::EchoOrDie);
-    let relay = Relay::quick(origin.addr, &["--workers", "2"]);
+    // Parking is a copy-path feature: spliced flows never park.
+    let relay = Relay::quick(origin.addr, &["--workers", "2", "--data-path", "copy"]);
     let fds = relay.open_fds();
     let mut conns = Vec::new();
     for i in 0..N {

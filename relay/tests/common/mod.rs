@@ -97,10 +97,15 @@ impl Relay {
 
     fn start_with(addr: SocketAddr, mut args: Vec<String>) -> Relay {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_plain_port()).parse().unwrap();
-        // The whole suite can run on another data path: RELAY_TEST_DATA_PATH=splice.
-        if let Ok(dp) = std::env::var("RELAY_TEST_DATA_PATH") {
-            args.push("--data-path".into());
-            args.push(dp);
+        // The whole suite can run on another data path: RELAY_TEST_DATA_PATH=splice. A test
+        // that names its data path (a copy-path feature's test) keeps it.
+        let named = args.iter().any(|a| a == "--data-path");
+        match std::env::var("RELAY_TEST_DATA_PATH") {
+            Ok(dp) if !named => {
+                args.push("--data-path".into());
+                args.push(dp);
+            }
+            _ => {}
         }
         if !args.iter().any(|a| a == "--admin") {
             args.push("--admin".into());
