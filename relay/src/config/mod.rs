@@ -569,7 +569,7 @@ impl Config {
             },
             pin: raw.workers.pin,
             busy_poll: match raw.workers.busy_poll.trim() {
-                "off" | "0" => None,
+                "off" => None,
                 v => match parse_duration("workers.busy_poll", v)? {
                     d if d.is_zero() => None,
                     d if d > MAX_BUSY_POLL => {

@@ -154,8 +154,8 @@ pub struct Reactor {
     pub stats: RingStats,
     /// See [`Reactor::set_busy_poll`].
     busy_poll: Option<Duration>,
-    /// The ring was set up with `IORING_SETUP_TASKRUN_FLAG`.
-    pub taskrun_flag: bool,
+    /// The ring was set up with `IORING_SETUP_TASKRUN_FLAG` (what `busy_poll` needs).
+    taskrun_flag: bool,
 }
 
 /// Ring sizing and buffer configuration.
@@ -489,10 +489,15 @@ impl Reactor {
 
     /// Before [`Reactor::wait`] sleeps on an empty ring, poll it for up to `spin` (`None`:
     /// sleep at once). Spinning costs CPU; it saves the wake-up of an idle CPU, which on a VM
-    /// whose vCPU halts when idle is a trip through the hypervisor. Only rings with the
-    /// taskrun flag (`taskrun_flag`) spin; on others this has no effect.
-    pub fn set_busy_poll(&mut self, spin: Option<Duration>) {
+    /// whose vCPU halts when idle is a trip through the hypervisor. Only a ring with the
+    /// taskrun flag can spin without a system call per pass; on others this refuses (false)
+    /// and the ring keeps sleeping at once.
+    pub fn set_busy_poll(&mut self, spin: Option<Duration>) -> bool {
+        if spin.is_some() && !self.taskrun_flag {
+            return false;
+        }
         self.busy_poll = spin;
+        true
     }
 
     /// Submits queued entries and waits for at least one completion or `timeout`.
@@ -528,11 +533,8 @@ impl Reactor {
     /// Submits what is queued, then polls for a completion for up to `spin`; true if one came.
     /// Deferred completions are posted only by an enter with GETEVENTS; the taskrun flag says
     /// when some are pending (`submit` then enters with GETEVENTS), so the spin itself makes
-    /// no system call. Rings without the flag do not spin (see `set_busy_poll`).
+    /// no system call (`set_busy_poll` accepts only rings with the flag).
     fn spin(&mut self, spin: Duration) -> io::Result<bool> {
-        if !self.taskrun_flag {
-            return Ok(false);
-        }
         let t0 = Instant::now();
         self.submit()?;
         loop {

@@ -226,15 +226,11 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
             return;
         }
     };
-    if let Some(spin) = cfg.workers.busy_poll {
-        if reactor.taskrun_flag {
-            reactor.set_busy_poll(Some(spin));
-        } else if init.id == 0 {
-            tracing::warn!(
-                "workers.busy_poll ignored: this kernel's io_uring lacks the taskrun flag \
-                 with deferred task running (Linux 6.1+); workers sleep when idle"
-            );
-        }
+    if !reactor.set_busy_poll(cfg.workers.busy_poll) && init.id == 0 {
+        tracing::warn!(
+            "workers.busy_poll ignored: this kernel's io_uring lacks the taskrun flag with \
+             deferred task running (Linux 6.1+); workers sleep when idle"
+        );
     }
     let parking = match Parking::new() {
         Ok(p) => p,
