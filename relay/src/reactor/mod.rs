@@ -33,7 +33,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, EnterFlags, IoUring};
 
 use bufring::BufRing;
 
@@ -156,6 +156,10 @@ pub struct Reactor {
     busy_poll: Option<Duration>,
     /// The ring was set up with `IORING_SETUP_TASKRUN_FLAG` (what `busy_poll` needs).
     taskrun_flag: bool,
+    /// Flags of the sleeping enter: `NO_IOWAIT` where the kernel has it (6.15+). Without
+    /// it a worker waiting with receives armed counts as iowait, so an idle relay core
+    /// shows up as `wa` in top and `iowait` in node_exporter rather than as idle.
+    wait_flags: EnterFlags,
 }
 
 /// Ring sizing and buffer configuration.
@@ -204,6 +208,11 @@ impl Reactor {
                     }
                     let bufs = BufRing::new(&ring, BGID, cfg.buf_count, cfg.buf_size)
                         .map_err(SetupError::Other)?;
+                    let wait_flags = if ring.params().is_feature_no_iowait() {
+                        EnterFlags::NO_IOWAIT
+                    } else {
+                        EnterFlags::empty()
+                    };
                     return Ok(Reactor {
                         ring,
                         bufs,
@@ -213,6 +222,7 @@ impl Reactor {
                         busy_poll: None,
                         // The first attempt is the only one with the flag.
                         taskrun_flag: i == 0,
+                        wait_flags,
                     });
                 }
                 Err(e) => {
@@ -514,7 +524,11 @@ impl Reactor {
         }
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
+        match self
+            .ring
+            .submitter()
+            .submit_with_args_and_flags(1, &args, self.wait_flags)
+        {
             Ok(n) => {
                 self.stats.submitted += n as u64;
                 Ok(())
