@@ -767,6 +767,8 @@ done
 # ---------------------------------------------------------------- report
 CMD="scripts/bench-compare.sh${ORIG_ARGS[*]:+ ${ORIG_ARGS[*]}}"
 [ -n "${CARGO_TARGET_DIR:-}" ] && CMD="CARGO_TARGET_DIR=$CARGO_TARGET_DIR $CMD"
+# relay's extra flags change what is measured: the command line must say so.
+[ -n "${RELAY_EXTRA_ARGS:-}" ] && CMD="RELAY_EXTRA_ARGS='$RELAY_EXTRA_ARGS' $CMD"
 MODEL=$(lscpu 2>/dev/null | awk -F: '/^Model name/ { sub(/^[ \t]+/, "", $2); print $2; exit }')
 HYPERVISOR=$(lscpu 2>/dev/null | awk -F: '/^Hypervisor vendor/ { sub(/^[ \t]+/, "", $2); print $2; exit }')
 versions=$(for p in relay haproxy nginx direct; do printf '%s\t%s\n' "$p" "${PEER_VERSION[$p]:-}"; done |

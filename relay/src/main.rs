@@ -66,6 +66,11 @@ struct Cli {
     #[arg(long)]
     no_pin: bool,
 
+    /// Before sleeping on an empty ring, a worker polls it this long ("off", or e.g.
+    /// "20us", at most 1ms); overrides the config's workers.busy_poll.
+    #[arg(long, value_name = "DURATION|off")]
+    busy_poll: Option<String>,
+
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "relay=debug". Defaults to
     /// $RELAY_LOG, then "info".
     #[arg(long, value_name = "FILTER")]
@@ -156,6 +161,10 @@ fn load(cli: &Cli) -> Result<Config, String> {
     }
     if cli.no_pin {
         cfg.workers.pin = false;
+    }
+    if let Some(b) = &cli.busy_poll {
+        cfg.workers.busy_poll =
+            relay::config::parse_busy_poll("--busy-poll", b).map_err(|e| e.to_string())?;
     }
     Ok(cfg)
 }

@@ -1,7 +1,8 @@
 //! `workers.busy_poll`: a worker whose ring runs empty keeps polling it for a while before it
 //! sleeps. Relayed messages still come back intact, and the spin shows in
 //! `relay_busy_poll_hits_total` (waits answered without sleeping); with it off (the
-//! default) that counter stays at zero.
+//! default) that counter stays at zero. `--busy-poll` sets the same knob from the command
+//! line, with the same limits.
 
 mod common;
 
@@ -74,4 +75,44 @@ async fn busy_poll_answers_waits_without_sleeping_and_off_never_spins() {
         0.0,
         "busy_poll = \"off\" spun"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_flag_overrides_the_config() {
+    let origin = ws_origin(OriginMode::Echo);
+    // Quick mode (no config file) with the flag: the spin is on.
+    let spinning = Relay::quick(
+        origin.addr,
+        &["--workers", "1", "--no-pin", "--busy-poll", "500us"],
+    );
+    ping_pong(&spinning).await;
+    assert!(
+        spinning.metric_sum("relay_busy_poll_hits_total", &[]) > 0.0,
+        "--busy-poll 500us: no wait was answered by the spin"
+    );
+    // The flag wins over the file: "off" on the command line, 500us in the config.
+    let sleeping = Relay::with_config(&config(origin.addr, "500us"), &["--busy-poll", "off"]);
+    ping_pong(&sleeping).await;
+    assert_eq!(
+        sleeping.metric_sum("relay_busy_poll_hits_total", &[]),
+        0.0,
+        "--busy-poll off did not override workers.busy_poll"
+    );
+}
+
+#[test]
+fn bad_busy_poll_flag_stops_start_up_naming_the_flag() {
+    for (value, expect) in [
+        ("2ms", "--busy-poll: \"2ms\" is longer than 1ms"),
+        ("soon", "--busy-poll: \"soon\" is not a duration"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", "off", "--busy-poll", value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--busy-poll {value} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "--busy-poll {value}: {err}");
+    }
 }

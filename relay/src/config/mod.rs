@@ -328,6 +328,26 @@ pub fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     })
 }
 
+/// Parses a busy-poll setting (`workers.busy_poll`, `--busy-poll`): `"off"`, a zero
+/// duration (also off), or a duration up to 1 ms. `key` names the setting in
+/// the error.
+pub fn parse_busy_poll(key: &str, v: &str) -> Result<Option<Duration>, ConfigError> {
+    match v.trim() {
+        "off" => Ok(None),
+        t => match parse_duration(key, t)? {
+            d if d.is_zero() => Ok(None),
+            d if d > MAX_BUSY_POLL => Err(ConfigError::new(
+                key,
+                format!(
+                    "{v:?} is longer than {MAX_BUSY_POLL:?}: a worker spins this long \
+                     each time its ring runs empty; use e.g. \"50us\", or \"off\""
+                ),
+            )),
+            d => Ok(Some(d)),
+        },
+    }
+}
+
 /// Parses a byte size: an integer, or `"16KiB"`, `"1MiB"`, `"64k"`.
 pub fn parse_size(key: &str, v: &str) -> Result<u64, ConfigError> {
     let t = v.trim();
@@ -568,22 +588,7 @@ impl Config {
                 raw::Count::N(n) => Some(*n as usize),
             },
             pin: raw.workers.pin,
-            busy_poll: match raw.workers.busy_poll.trim() {
-                "off" => None,
-                v => match parse_duration("workers.busy_poll", v)? {
-                    d if d.is_zero() => None,
-                    d if d > MAX_BUSY_POLL => {
-                        return Err(ConfigError::new(
-                            "workers.busy_poll",
-                            format!(
-                                "{v:?} is longer than {MAX_BUSY_POLL:?}: a worker spins this long \
-                                 each time its ring runs empty; use e.g. \"50us\", or \"off\""
-                            ),
-                        ))
-                    }
-                    d => Some(d),
-                },
-            },
+            busy_poll: parse_busy_poll("workers.busy_poll", &raw.workers.busy_poll)?,
         };
         if raw.listeners.is_empty() {
             return Err(ConfigError::new(
