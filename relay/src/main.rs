@@ -66,9 +66,10 @@ struct Cli {
     #[arg(long)]
     no_pin: bool,
 
-    /// Before sleeping on an empty ring, a worker polls it this long ("off", or e.g.
-    /// "20us", at most 1ms); overrides the config's workers.busy_poll.
-    #[arg(long, value_name = "DURATION|off")]
+    /// Before sleeping on an empty ring, a worker polls it: "off", "auto" (up to 20us
+    /// while recent spins were answered) or a duration spun on every pause (e.g. "20us",
+    /// at most 1ms); overrides the config's workers.busy_poll.
+    #[arg(long, value_name = "auto|off|DURATION")]
     busy_poll: Option<String>,
 
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "relay=debug". Defaults to

@@ -1,8 +1,9 @@
 //! `workers.busy_poll`: a worker whose ring runs empty keeps polling it for a while before it
 //! sleeps. Relayed messages still come back intact, and the spin shows in
 //! `relay_busy_poll_hits_total` (waits answered without sleeping); with it off (the
-//! default) that counter stays at zero. `--busy-poll` sets the same knob from the command
-//! line, with the same limits.
+//! default) that counter stays at zero. `"auto"` spins while traffic is dense and stops
+//! spinning when it pauses (`relay_busy_poll_misses_total`: spins that ended in a sleep).
+//! `--busy-poll` sets the same knob from the command line, with the same limits.
 
 mod common;
 
@@ -77,6 +78,64 @@ async fn busy_poll_answers_waits_without_sleeping_and_off_never_spins() {
     );
 }
 
+/// `rounds` round trips on one connection, `gap` apart: every gap is a pause no spin bridges.
+async fn sparse(relay: &Relay, rounds: usize, gap: Duration) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(relay.url("/sparse"))
+        .await
+        .unwrap();
+    for round in 0..rounds {
+        let m = format!("sparse {round}");
+        ws.send(Message::Text(m.clone())).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an echo within 5 s")
+            .expect("open")
+            .expect("a message");
+        assert_eq!(got, Message::Text(m));
+        tokio::time::sleep(gap).await;
+    }
+    ws.close(None).await.unwrap();
+}
+
+/// relay's own echo app, no origin: a round trip has one pause, the gap before the next.
+fn echo_config(busy_poll: &str) -> String {
+    format!(
+        r#"
+[workers]
+count = 1
+pin = false
+busy_poll = "{busy_poll}"
+[[listener]]
+address = "{{LISTEN}}"
+[[route]]
+app = "echo"
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_stops_spinning_when_traffic_pauses() {
+    // Spinning on every pause: each 15 ms gap (and each timer wake-up in it) ends in a
+    // miss, a whole spin spent on nothing.
+    let always = Relay::with_config(&echo_config("20us"), &[]);
+    sparse(&always, 40, Duration::from_millis(15)).await;
+    let always_misses = always.metric_sum("relay_busy_poll_misses_total", &[]);
+    assert!(
+        always_misses >= 40.0,
+        "busy_poll = \"20us\": {always_misses} misses over 40 pauses of 15 ms"
+    );
+
+    // "auto" never opens its gate on such traffic: only one pause in 16 probes with a spin.
+    let auto = Relay::with_config(&echo_config("auto"), &[]);
+    sparse(&auto, 40, Duration::from_millis(15)).await;
+    let auto_misses = auto.metric_sum("relay_busy_poll_misses_total", &[]);
+    assert!(
+        auto_misses * 4.0 < always_misses,
+        "busy_poll = \"auto\" missed {auto_misses} times on sparse traffic, \
+         spinning on every pause missed {always_misses}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_poll_flag_overrides_the_config() {
     let origin = ws_origin(OriginMode::Echo);
@@ -104,7 +163,10 @@ async fn busy_poll_flag_overrides_the_config() {
 fn bad_busy_poll_flag_stops_start_up_naming_the_flag() {
     for (value, expect) in [
         ("2ms", "--busy-poll: \"2ms\" is longer than 1ms"),
-        ("soon", "--busy-poll: \"soon\" is not a duration"),
+        (
+            "soon",
+            "--busy-poll: \"soon\" is neither \"auto\", \"off\" nor a duration",
+        ),
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
             .args(["--listen", &format!("127.0.0.1:{}", free_port())])

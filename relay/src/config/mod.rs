@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use crate::reactor::BusyPoll;
+
 pub use raw::RawConfig;
 
 /// The configuration `relay` runs with when started without `--config` or `--origin`.
@@ -21,6 +23,9 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 /// Longest `workers.busy_poll` accepted: past a millisecond the spin costs more than any
 /// wake-up it saves.
 const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
+/// The longest spin of `workers.busy_poll = "auto"`. Measured on a 2-vCPU KVM guest
+/// (docs/benchmarks.md): 5 µs changed nothing, 20 µs bought 3-18 % msgs/s.
+pub const AUTO_BUSY_POLL: Duration = Duration::from_micros(20);
 
 /// A configuration error that names the offending key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,10 +260,11 @@ pub struct Workers {
     #[serde(serialize_with = "ser_auto")]
     pub count: Option<usize>,
     pub pin: bool,
-    /// Before sleeping on an empty ring, keep polling it this long (`None` = "off": sleep at
-    /// once). Spends CPU to avoid the wake-up latency of an idle CPU (a halted vCPU in a VM).
-    #[serde(serialize_with = "ser_opt_duration")]
-    pub busy_poll: Option<Duration>,
+    /// Before sleeping on an empty ring, keep polling it: never ("off"), for a set time on
+    /// every pause, or ("auto") while recent pauses were short. Spends CPU to avoid the
+    /// wake-up latency of an idle CPU (a halted vCPU in a VM).
+    #[serde(serialize_with = "ser_busy_poll")]
+    pub busy_poll: BusyPoll,
 }
 
 /// Where billing records go.
@@ -307,6 +313,14 @@ fn ser_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<
     }
 }
 
+fn ser_busy_poll<S: serde::Serializer>(b: &BusyPoll, s: S) -> Result<S::Ok, S::Error> {
+    match b {
+        BusyPoll::Off => s.serialize_str("off"),
+        BusyPoll::Adaptive(_) => s.serialize_str("auto"),
+        BusyPoll::Always(d) => ser_duration(d, s),
+    }
+}
+
 fn ser_auto<S: serde::Serializer, T: Serialize>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(n) => n.serialize(s),
@@ -328,14 +342,23 @@ pub fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     })
 }
 
-/// Parses a busy-poll setting (`workers.busy_poll`, `--busy-poll`): `"off"`, a zero
-/// duration (also off), or a duration up to 1 ms. `key` names the setting in
-/// the error.
-pub fn parse_busy_poll(key: &str, v: &str) -> Result<Option<Duration>, ConfigError> {
+/// Parses a busy-poll setting (`workers.busy_poll`, `--busy-poll`): `"auto"` (spin up to
+/// [`AUTO_BUSY_POLL`] while recent spins paid), `"off"`, a zero duration (also off), or a
+/// duration up to 1 ms spun on every pause. `key` names the setting in the error.
+pub fn parse_busy_poll(key: &str, v: &str) -> Result<BusyPoll, ConfigError> {
     match v.trim() {
-        "off" => Ok(None),
-        t => match parse_duration(key, t)? {
-            d if d.is_zero() => Ok(None),
+        "auto" => Ok(BusyPoll::Adaptive(AUTO_BUSY_POLL)),
+        "off" => Ok(BusyPoll::Off),
+        t => match humantime::parse_duration(t).map_err(|e| {
+            ConfigError::new(
+                key,
+                format!(
+                    "{v:?} is neither \"auto\", \"off\" nor a duration ({e}); \
+                     write e.g. \"auto\" or \"20us\""
+                ),
+            )
+        })? {
+            d if d.is_zero() => Ok(BusyPoll::Off),
             d if d > MAX_BUSY_POLL => Err(ConfigError::new(
                 key,
                 format!(
@@ -343,7 +366,7 @@ pub fn parse_busy_poll(key: &str, v: &str) -> Result<Option<Duration>, ConfigErr
                      each time its ring runs empty; use e.g. \"50us\", or \"off\""
                 ),
             )),
-            d => Ok(Some(d)),
+            d => Ok(BusyPoll::Always(d)),
         },
     }
 }

@@ -38,12 +38,22 @@ pool = "api"
 fn parses_a_full_config() {
     let c = Config::from_toml(GOOD).unwrap();
     assert_eq!(c.workers.count, Some(2));
-    assert_eq!(c.workers.busy_poll, None, "busy_poll is off unless set");
-    let spin = Config::from_toml(&GOOD.replace("pin = false", "pin = false\nbusy_poll = \"50us\""));
     assert_eq!(
-        spin.unwrap().workers.busy_poll,
-        Some(Duration::from_micros(50))
+        c.workers.busy_poll,
+        BusyPoll::Off,
+        "busy_poll is off unless set"
     );
+    for (v, want) in [
+        ("50us", BusyPoll::Always(Duration::from_micros(50))),
+        ("off", BusyPoll::Off),
+        ("0s", BusyPoll::Off),
+        ("auto", BusyPoll::Adaptive(AUTO_BUSY_POLL)),
+    ] {
+        let spin = Config::from_toml(
+            &GOOD.replace("pin = false", &format!("pin = false\nbusy_poll = \"{v}\"")),
+        );
+        assert_eq!(spin.unwrap().workers.busy_poll, want, "busy_poll = {v:?}");
+    }
     assert_eq!(c.timeouts.handshake, Duration::from_secs(5));
     assert_eq!(c.timeouts.origin_connect, Duration::from_secs(5));
     assert_eq!(c.limits.max_head_bytes, 8192);
@@ -118,7 +128,8 @@ fn errors_name_the_key() {
 
     let e = err(&GOOD.replace("pin = false", "pin = false\nbusy_poll = \"soon\""));
     assert!(
-        e.starts_with("workers.busy_poll:") && e.contains("not a duration"),
+        e.starts_with("workers.busy_poll:")
+            && e.contains("neither \"auto\", \"off\" nor a duration"),
         "{e}"
     );
     let e = err(&GOOD.replace("pin = false", "pin = false\nbusy_poll = \"5ms\""));

@@ -477,6 +477,13 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     );
     per_worker(
         &mut o,
+        "relay_busy_poll_misses_total",
+        "counter",
+        "Spins of workers.busy_poll that ended with no completion; the worker then slept.",
+        &|c| c.busy_poll_misses,
+    );
+    per_worker(
+        &mut o,
         "relay_bufring_enobufs_total",
         "counter",
         "Receives that found the buffer ring empty.",

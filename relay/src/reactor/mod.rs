@@ -100,6 +100,55 @@ pub struct RingStats {
     pub cq_overflows: u64,
     /// Waits that `busy_poll` answered: a completion came while spinning, no sleep.
     pub busy_poll_hits: u64,
+    /// Spins that ran their whole budget and then slept anyway (CPU spent on nothing).
+    pub busy_poll_misses: u64,
+}
+
+/// What a worker does when its ring runs empty (`workers.busy_poll`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusyPoll {
+    /// Sleep at once.
+    Off,
+    /// Poll the ring for up to this long on every pause, then sleep.
+    Always(Duration),
+    /// Poll for up to this long while recent pauses were short enough for a spin to end
+    /// them; sleep at once while they were not (see [`SpinGate`]).
+    Adaptive(Duration),
+}
+
+/// The gate of [`BusyPoll::Adaptive`]: a moving average of how often a spin was answered.
+/// Only spins measure that exactly (a sleep's length includes the wake-up it would have
+/// saved), so while the gate is shut one pause in [`SpinGate::PROBE_EVERY`] spins anyway as
+/// a probe. An idle or trickling worker thus spins on one pause in 16, a busy one on
+/// nearly every pause.
+#[derive(Clone, Copy, Debug, Default)]
+struct SpinGate {
+    /// Hit rate scaled to 0..=1024, an exponential average over about the last 8 spins.
+    score: u16,
+    /// Pauses since the last spin while the gate was shut.
+    skipped: u8,
+}
+
+impl SpinGate {
+    const OPEN_AT: u16 = 512;
+    const PROBE_EVERY: u8 = 16;
+
+    /// Whether this pause spins.
+    fn admit(&mut self) -> bool {
+        if self.score >= Self::OPEN_AT {
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped >= Self::PROBE_EVERY {
+            self.skipped = 0;
+            return true;
+        }
+        false
+    }
+
+    fn record(&mut self, hit: bool) {
+        self.score = self.score - self.score / 8 + if hit { 128 } else { 0 };
+    }
 }
 
 /// One completion, as the session layer sees it.
@@ -153,7 +202,8 @@ pub struct Reactor {
     pub mode: RingMode,
     pub stats: RingStats,
     /// See [`Reactor::set_busy_poll`].
-    busy_poll: Option<Duration>,
+    busy_poll: BusyPoll,
+    spin_gate: SpinGate,
     /// The ring was set up with `IORING_SETUP_TASKRUN_FLAG` (what `busy_poll` needs).
     taskrun_flag: bool,
     /// Flags of the sleeping enter: `NO_IOWAIT` where the kernel has it (6.15+). Without
@@ -219,7 +269,8 @@ impl Reactor {
                         kept: HashMap::new(),
                         mode,
                         stats: RingStats::default(),
-                        busy_poll: None,
+                        busy_poll: BusyPoll::Off,
+                        spin_gate: SpinGate::default(),
                         // The first attempt is the only one with the flag.
                         taskrun_flag: i == 0,
                         wait_flags,
@@ -497,17 +548,29 @@ impl Reactor {
         self.push(e);
     }
 
-    /// Before [`Reactor::wait`] sleeps on an empty ring, poll it for up to `spin` (`None`:
-    /// sleep at once). Spinning costs CPU; it saves the wake-up of an idle CPU, which on a VM
+    /// Before [`Reactor::wait`] sleeps on an empty ring, poll it for a while (see
+    /// [`BusyPoll`]). Spinning costs CPU; it saves the wake-up of an idle CPU, which on a VM
     /// whose vCPU halts when idle is a trip through the hypervisor. Only a ring with the
     /// taskrun flag can spin without a system call per pass; on others this refuses (false)
     /// and the ring keeps sleeping at once.
-    pub fn set_busy_poll(&mut self, spin: Option<Duration>) -> bool {
-        if spin.is_some() && !self.taskrun_flag {
+    pub fn set_busy_poll(&mut self, mode: BusyPoll) -> bool {
+        if mode != BusyPoll::Off && !self.taskrun_flag {
             return false;
         }
-        self.busy_poll = spin;
+        self.busy_poll = mode;
+        self.spin_gate = SpinGate::default();
         true
+    }
+
+    /// The spin this pause gets, if any.
+    fn spin_budget(&mut self, timeout: Duration) -> Option<Duration> {
+        let spin = match self.busy_poll {
+            BusyPoll::Off => return None,
+            BusyPoll::Always(s) => s,
+            BusyPoll::Adaptive(s) if self.spin_gate.admit() => s,
+            BusyPoll::Adaptive(_) => return None,
+        };
+        (spin < timeout).then_some(spin)
     }
 
     /// Submits queued entries and waits for at least one completion or `timeout`.
@@ -515,11 +578,14 @@ impl Reactor {
         if !self.ring.completion().is_empty() {
             return self.submit();
         }
-        if let Some(spin) = self.busy_poll.filter(|s| *s < timeout) {
-            if self.spin(spin)? {
+        if let Some(spin) = self.spin_budget(timeout) {
+            let hit = self.spin(spin)?;
+            self.spin_gate.record(hit);
+            if hit {
                 self.stats.busy_poll_hits += 1;
                 return Ok(());
             }
+            self.stats.busy_poll_misses += 1;
             timeout -= spin;
         }
         let ts = types::Timespec::from(timeout);
@@ -647,6 +713,44 @@ mod tests {
         let bid = c.buffer().expect("a provided buffer");
         r.take_buffer(bid);
         (bid, r.buf(bid, c.result as usize).to_vec())
+    }
+
+    #[test]
+    fn spin_gate_opens_on_answered_spins_and_shuts_on_misses() {
+        let mut g = SpinGate::default();
+        // Shut at first: only every 16th pause probes.
+        let admitted = (0..64).filter(|_| g.admit()).count();
+        assert_eq!(admitted, 4);
+        // Answered probes open it; then every pause spins.
+        let mut probes = 0;
+        while g.score < SpinGate::OPEN_AT {
+            if g.admit() {
+                probes += 1;
+                g.record(true);
+            }
+        }
+        assert_eq!(probes, 6, "six answered spins in a row open the gate");
+        assert!((0..100).all(|_| g.admit()));
+        // Steady traffic keeps it open; after that, misses shut it within a handful of
+        // pauses, but not at the first one.
+        (0..100).for_each(|_| g.record(true));
+        let mut misses = 0;
+        while g.admit() {
+            g.record(false);
+            misses += 1;
+            assert!(misses < 10, "the gate stays open on misses");
+        }
+        assert!(misses >= 2, "one miss shut an open gate");
+        // Mostly misses with an occasional hit (one pause in 4 answered) keeps it shut.
+        let mut g = SpinGate::default();
+        let mut spins = 0;
+        for i in 0..16_000 {
+            if g.admit() {
+                spins += 1;
+                g.record(i % 4 == 0);
+            }
+        }
+        assert!(spins <= 16_000 / 16 + 16, "{spins} spins in 16,000 pauses");
     }
 
     #[test]

@@ -382,6 +382,7 @@ impl Worker {
         c.completed = self.reactor.stats.completed;
         c.cq_overflows = self.reactor.stats.cq_overflows;
         c.busy_poll_hits = self.reactor.stats.busy_poll_hits;
+        c.busy_poll_misses = self.reactor.stats.busy_poll_misses;
         c.bufs_provided = self.reactor.bufs().provided() as u64;
         c.bufs_checked_out = self.reactor.bufs().checked_out() as u64;
         c.active = self.sessions.len() as u64;
