@@ -32,6 +32,20 @@ pool = "o"
     )
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `m` and checks that it comes back within 5 s.
+async fn echo(ws: &mut Ws, m: String) {
+    ws.send(Message::Text(m.clone())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an echo within 5 s")
+        .expect("open")
+        .expect("a message");
+    assert_eq!(got, Message::Text(m));
+}
+
 /// One message in flight on each of 4 connections, 100 round trips each.
 async fn ping_pong(relay: &Relay) {
     let mut conns = Vec::new();
@@ -43,14 +57,7 @@ async fn ping_pong(relay: &Relay) {
     }
     for round in 0..100 {
         for (i, ws) in conns.iter_mut().enumerate() {
-            let m = format!("round {round} conn {i}");
-            ws.send(Message::Text(m.clone())).await.unwrap();
-            let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                .await
-                .expect("an echo within 5 s")
-                .expect("open")
-                .expect("a message");
-            assert_eq!(got, Message::Text(m));
+            echo(ws, format!("round {round} conn {i}")).await;
         }
     }
     for mut ws in conns {
@@ -84,14 +91,7 @@ async fn sparse(relay: &Relay, rounds: usize, gap: Duration) {
         .await
         .unwrap();
     for round in 0..rounds {
-        let m = format!("sparse {round}");
-        ws.send(Message::Text(m.clone())).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-            .await
-            .expect("an echo within 5 s")
-            .expect("open")
-            .expect("a message");
-        assert_eq!(got, Message::Text(m));
+        echo(&mut ws, format!("sparse {round}")).await;
         tokio::time::sleep(gap).await;
     }
     ws.close(None).await.unwrap();
