@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# scripts/bench-ab.sh: alternate several relay settings (and HAProxy, nginx) on the same
+# throughput cells, round by round, to tell a setting's effect from this machine's drift.
+#
+#   scripts/bench-ab.sh --rounds 3 --duration 5 --cells 16x32,1x4096 \
+#       'relay' 'relay --busy-poll auto' 'relay --busy-poll 20us' haproxy
+#
+# Each variant is a peer name (relay, haproxy, nginx), for relay followed by its extra
+# flags. In every round, every cell runs every variant once, back to back, in the order
+# given; a fresh proxy process per run. Layout as in bench-compare.sh: the proxy on CPU 0,
+# one relay-bench echo-origin and the load generator on CPU 1, 50 connections (--connections).
+#
+# Per run it prints msgs/s, RTT p99, the proxy's CPU-us per message (utime+stime over the
+# measured window), the proxy's context switches per message (all its threads), how busy
+# each CPU was (/proc/stat), and for relay its busy-poll hits and misses. At the end: the
+# median of each cell and variant over the rounds. JSON lines in --out.
+#
+# Loopback only; every process it starts is bounded by timeout(1) and stopped by PID.
+set -uo pipefail
+
+PROG=bench-ab
+REPO=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=lib/bench-compare-lib.sh
+. "$REPO/scripts/lib/bench-compare-lib.sh"
+# shellcheck source=lib/bench-tls-lib.sh
+. "$REPO/scripts/lib/bench-tls-lib.sh"
+export PATH="$PATH:/usr/sbin:/sbin"
+
+ROUNDS=3
+DURATION=5
+CELLS=16x32,1x4096
+CONNS=50
+BUILD=1
+OUT=
+usage() {
+    cat <<'EOF'
+usage: scripts/bench-ab.sh [options] VARIANT...
+  VARIANT             relay [FLAGS...] | haproxy | nginx   (quote a relay variant with flags)
+  --rounds R          rounds; each runs every cell and variant once (default 3)
+  --duration S        measured seconds per run, after a 1 s warm-up (default 5)
+  --cells LIST        INFLIGHTxSIZE,... (default 16x32,1x4096)
+  --connections N     connections per run (default 50)
+  --out FILE          JSON lines (default bench-results/ab-DATE.jsonl)
+  --no-build          use the already built release binaries
+Env: CARGO_TARGET_DIR (default ./target)
+EOF
+}
+VARIANTS=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --cells) CELLS=$2; shift 2 ;;
+        --connections) CONNS=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        -h | --help) usage; exit 0 ;;
+        -*) usage >&2; die "unknown option $1" ;;
+        *) VARIANTS+=("$1"); shift ;;
+    esac
+done
+[ ${#VARIANTS[@]} -gt 0 ] || { usage >&2; die "name at least one variant"; }
+for v in "${VARIANTS[@]}"; do
+    case ${v%% *} in
+        relay) ;;
+        haproxy | nginx)
+            [ "$v" = "${v%% *}" ] || die "variant '$v': only relay takes flags here"
+            command -v "$v" >/dev/null || die "variant '$v': $v is not installed (scripts/bench-compare.sh installs it)"
+            ;;
+        *) die "variant '$v': not relay, haproxy or nginx" ;;
+    esac
+done
+for n in "$ROUNDS" "$DURATION" "$CONNS"; do
+    [[ $n =~ ^[1-9][0-9]*$ ]] || die "--rounds, --duration and --connections take positive integers, not '$n'"
+done
+IFS=, read -r -a CELL_LIST <<<"$CELLS"
+for c in "${CELL_LIST[@]}"; do
+    [[ $c =~ ^[1-9][0-9]*x[1-9][0-9]*$ ]] || die "--cells: '$c' is not INFLIGHTxSIZE, e.g. 16x32"
+done
+[ "$(nproc)" -ge 2 ] || die "needs 2 CPUs (proxy on CPU 0, load and origin on CPU 1)"
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+if [ "$BUILD" = 1 ]; then
+    (cd "$REPO" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p relay -p relay-bench >&2) ||
+        die "cargo build failed"
+fi
+RELAY=$TARGET_DIR/release/relay
+BENCH=$TARGET_DIR/release/relay-bench
+[ -x "$RELAY" ] && [ -x "$BENCH" ] || die "no release binaries in $TARGET_DIR/release (drop --no-build)"
+
+BENCH_NICE=0
+[ "$(id -u)" = 0 ] && BENCH_NICE=-20
+STAMP=$(date -u +%Y%m%d-%H%M%S)
+OUT=${OUT:-$REPO/bench-results/ab-$STAMP.jsonl}
+mkdir -p "$(dirname "$OUT")"
+: >"$OUT"
+WORK=$(mktemp -d /tmp/relay-bench-ab.XXXXXX)
+trap 'stop_all_started; rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
+
+NOFILE=$(ulimit -Hn)
+[ "$NOFILE" = unlimited ] && NOFILE=1048576
+LIFE=$((DURATION + 60))
+
+alloc_port
+OPORT=$PORT_OUT
+spawn 1 $((ROUNDS * ${#CELL_LIST[@]} * ${#VARIANTS[@]} * (LIFE + 5) + 60)) "$WORK/origin" \
+    "$BENCH" echo-origin --listen "127.0.0.1:$OPORT"
+wait_for 10 listeners_at_least "$OPORT" 1 || die "echo-origin did not listen: $(tail -2 "$WORK/origin.err")"
+
+ctxsw() { # context switches of PID's threads
+    cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'
+}
+
+# busy_poll_counts ADMIN_PORT: relay's busy-poll hits and misses so far, as JSON.
+busy_poll_counts() {
+    http_get "$1" /metrics | awk '/^relay_busy_poll_(hits|misses)_total/ {
+        n = $1; sub(/relay_busy_poll_/, "", n); sub(/_total.*/, "", n); s[n] += $2 }
+        END { printf "{\"hits\": %d, \"misses\": %d}", s["hits"], s["misses"] }'
+}
+
+# run VARIANT INFLIGHT SIZE: one measured run; writes its JSON object to $WORK/run.json.
+run() {
+    local v=$1 k=$2 s=$3 tp p port admin extra=() pids=() t0 t1 x0 x1 c00 c01 c10 c11 b0 n0 b1 n1 bp0 bp=null
+    alloc_port
+    port=$PORT_OUT
+    case ${v%% *} in
+        relay)
+            read -r -a extra <<<"${v#relay}"
+            alloc_port
+            admin=$PORT_OUT
+            spawn 0 "$LIFE" "$WORK/proxy" "$RELAY" --listen "127.0.0.1:$port" --origin "127.0.0.1:$OPORT" \
+                --workers 1 --no-pin --admin "127.0.0.1:$admin" "${extra[@]}"
+            ;;
+        haproxy)
+            fill_template "$REPO/bench/peers/haproxy.cfg.in" "$WORK/haproxy.cfg" PORT="$port" \
+                ORIGIN_PORT="$OPORT" MAXCONN=$(((NOFILE - 200) / 2))
+            spawn 0 "$LIFE" "$WORK/proxy" haproxy -db -f "$WORK/haproxy.cfg"
+            ;;
+        nginx)
+            mkdir -p "$WORK/nginx" && chmod 755 "$WORK/nginx"
+            fill_template "$REPO/bench/peers/nginx.conf.in" "$WORK/nginx/nginx.conf" PORT="$port" \
+                ORIGIN_PORT="$OPORT" DIR="$WORK/nginx" WORKER_CONNECTIONS=$(((NOFILE - 200) / 2))
+            spawn 0 "$LIFE" "$WORK/proxy" nginx -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" -e "$WORK/nginx/error.log"
+            ;;
+    esac
+    tp=$SPAWNED
+    if ! wait_for 20 listeners_at_least "$port" 1; then
+        warn "$v did not listen: $(tail -2 "$WORK/proxy.err" | tr '\n' ' ')"
+        stop_tpids "$tp"
+        return 1
+    fi
+    [ "${v%% *}" = relay ] && wait_for 10 grep -qs 'relay ready' "$WORK/proxy.err"
+    mapfile -t pids < <(pid_tree "$(child_of "$tp")")
+    timeout 60 nice -n "$BENCH_NICE" taskset -c 1 "$BENCH" load --target "127.0.0.1:$port" --connections "$CONNS" \
+        --inflight "$k" --size "$s" --duration 1 --max-seconds 30 >/dev/null 2>&1
+    [ "${v%% *}" = relay ] && bp0=$(busy_poll_counts "$admin")
+    t0=$(proc_ticks "${pids[@]}")
+    x0=0; for p in "${pids[@]}"; do x0=$((x0 + $(ctxsw "$p"))); done
+    read -r c00 c01 <<<"$(cpu_jiffies cpu0)"
+    read -r c10 c11 <<<"$(cpu_jiffies cpu1)"
+    timeout $((DURATION + 60)) nice -n "$BENCH_NICE" taskset -c 1 "$BENCH" load --target "127.0.0.1:$port" \
+        --connections "$CONNS" --inflight "$k" --size "$s" --duration "$DURATION" \
+        --max-seconds $((DURATION + 30)) --json "$WORK/load.json" >/dev/null 2>"$WORK/load.err"
+    t1=$(proc_ticks "${pids[@]}")
+    x1=0; for p in "${pids[@]}"; do x1=$((x1 + $(ctxsw "$p"))); done
+    read -r b0 n0 <<<"$(cpu_jiffies cpu0)"
+    read -r b1 n1 <<<"$(cpu_jiffies cpu1)"
+    if [ "${v%% *}" = relay ]; then
+        bp=$(jq -nc --argjson a "$bp0" --argjson b "$(busy_poll_counts "$admin")" \
+            '{hits: ($b.hits - $a.hits), misses: ($b.misses - $a.misses)}')
+    fi
+    stop_tpids "$tp"
+    if ! jq -e '.messages > 0' "$WORK/load.json" >/dev/null 2>&1; then
+        warn "$v ${k}x$s: the load generator failed: $(tail -2 "$WORK/load.err" | tr '\n' ' ')"
+        return 1
+    fi
+    jq -c --arg v "$v" --arg cell "${k}x${s}" --argjson ticks $((t1 - t0)) --argjson hz "$CLK_TCK" \
+        --argjson cs $((x1 - x0)) --argjson busy0 "$(((b0 - c00) * 100 / (n0 - c01 > 0 ? n0 - c01 : 1)))" \
+        --argjson busy1 "$(((b1 - c10) * 100 / (n1 - c11 > 0 ? n1 - c11 : 1)))" --argjson bp "$bp" \
+        '{cell: $cell, variant: $v, msgs_per_s: .msgs_per_s, p99_us: .rtt_us.p99, errors: (.errors + .verify_failures + .connect_failures + .handshake_failures),
+          cpu_us_per_msg: ($ticks * 1e6 / $hz / .messages), ctxsw_per_msg: ($cs / .messages),
+          cpu0_busy_pct: $busy0, cpu1_busy_pct: $busy1, busy_poll: $bp}' "$WORK/load.json" >"$WORK/run.json"
+}
+
+log "$ROUNDS rounds x ${#CELL_LIST[@]} cells x ${#VARIANTS[@]} variants, $DURATION s each; JSON lines in $OUT"
+for ((r = 1; r <= ROUNDS; r++)); do
+    for c in "${CELL_LIST[@]}"; do
+        for v in "${VARIANTS[@]}"; do
+            run "$v" "${c%x*}" "${c#*x}" || continue
+            j=$(cat "$WORK/run.json")
+            jq -c --argjson r "$r" '. + {round: $r}' <<<"$j" >>"$OUT"
+            jq -r --argjson r "$r" '"round \($r)  \(.cell)  \(.variant | .[0:28] | . + " " * (28 - length))  \(.msgs_per_s / 1000 | . * 10 | round / 10) k msgs/s  p99 \(.p99_us | round) us  \(.cpu_us_per_msg * 1000 | round / 1000) CPU-us/msg  \(.ctxsw_per_msg * 10000 | round / 10000) ctxsw/msg  CPU0 \(.cpu0_busy_pct) %  CPU1 \(.cpu1_busy_pct) %\(if .busy_poll then "  spins hit/missed \(.busy_poll.hits)/\(.busy_poll.misses)" else "" end)\(if .errors > 0 then "  ERRORS \(.errors)" else "" end)"' <<<"$j"
+        done
+    done
+done
+echo
+echo "Medians over $ROUNDS rounds ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)):"
+echo
+echo "| cell | variant | msgs/s | p99 µs | CPU-µs/msg | ctxsw/msg | CPU 0 busy | CPU 1 busy |"
+echo "|---|---|--:|--:|--:|--:|--:|--:|"
+jq -rs 'def med: sort | .[length / 2 | floor];
+    group_by(.cell, .variant) | sort_by(.[0].cell, (.[0].variant)) | .[] |
+    "| \(.[0].cell) | \(.[0].variant) | \(map(.msgs_per_s) | med / 1000 | . * 10 | round / 10) k | \(map(.p99_us) | med | round) | \(map(.cpu_us_per_msg) | med * 1000 | round / 1000) | \(map(.ctxsw_per_msg) | med * 10000 | round / 10000) | \(map(.cpu0_busy_pct) | med) % | \(map(.cpu1_busy_pct) | med) % |"' "$OUT"
