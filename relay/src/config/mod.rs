@@ -24,7 +24,8 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 /// wake-up it saves.
 const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 /// The longest spin of `workers.busy_poll = "auto"`. Measured on a 2-vCPU KVM guest
-/// (docs/benchmarks.md): 5 µs changed nothing, 20 µs bought 3-18 % msgs/s.
+/// (docs/benchmarks.md) while the relay's core was the limit: 5 µs changed nothing, 20 µs
+/// bought 3-18 % msgs/s.
 pub const AUTO_BUSY_POLL: Duration = Duration::from_micros(20);
 
 /// A configuration error that names the offending key.
@@ -363,7 +364,7 @@ pub fn parse_busy_poll(key: &str, v: &str) -> Result<BusyPoll, ConfigError> {
                 key,
                 format!(
                     "{v:?} is longer than {MAX_BUSY_POLL:?}: a worker spins this long \
-                     each time its ring runs empty; use e.g. \"50us\", or \"off\""
+                     each time its ring runs empty; use e.g. \"auto\", \"50us\" or \"off\""
                 ),
             )),
             d => Ok(BusyPoll::Always(d)),
