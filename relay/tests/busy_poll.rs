@@ -13,7 +13,8 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-fn config(origin: std::net::SocketAddr, busy_poll: &str) -> String {
+/// One unpinned worker with `busy_poll`, one listener, then `routes`.
+fn config_with(busy_poll: &str, routes: &str) -> String {
     format!(
         r#"
 [workers]
@@ -22,13 +23,14 @@ pin = false
 busy_poll = "{busy_poll}"
 [[listener]]
 address = "{{LISTEN}}"
-[[pool]]
-name = "o"
-origins = ["{origin}"]
-[[route]]
-name = "all"
-pool = "o"
-"#
+{routes}"#
+    )
+}
+
+fn config(origin: std::net::SocketAddr, busy_poll: &str) -> String {
+    config_with(
+        busy_poll,
+        &format!("[[pool]]\nname = \"o\"\norigins = [\"{origin}\"]\n[[route]]\nname = \"all\"\npool = \"o\"\n"),
     )
 }
 
@@ -99,18 +101,7 @@ async fn sparse(relay: &Relay, rounds: usize, gap: Duration) {
 
 /// relay's own echo app, no origin: a round trip has one pause, the gap before the next.
 fn echo_config(busy_poll: &str) -> String {
-    format!(
-        r#"
-[workers]
-count = 1
-pin = false
-busy_poll = "{busy_poll}"
-[[listener]]
-address = "{{LISTEN}}"
-[[route]]
-app = "echo"
-"#
-    )
+    config_with(busy_poll, "[[route]]\napp = \"echo\"\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
