@@ -15,6 +15,9 @@
 # each CPU was (/proc/stat), and for relay its busy-poll hits and misses. At the end: the
 # median of each cell and variant over the rounds. JSON lines in --out.
 #
+# --rx-cpu receiver runs them with RFS on lo (each process pays for its own sockets' receive
+# path; see scripts/bench-compare.sh); the machine's settings are restored at exit.
+#
 # Loopback only; every process it starts is bounded by timeout(1) and stopped by PID.
 set -uo pipefail
 
@@ -32,6 +35,7 @@ CELLS=16x32,1x4096
 CONNS=50
 BUILD=1
 OUT=
+RX_CPU=
 usage() {
     cat <<'EOF'
 usage: scripts/bench-ab.sh [options] VARIANT...
@@ -42,6 +46,8 @@ usage: scripts/bench-ab.sh [options] VARIANT...
   --connections N     connections per run (default 50)
   --out FILE          JSON lines (default bench-results/ab-DATE.jsonl)
   --no-build          use the already built release binaries
+  --rx-cpu MODE       sender | receiver: where loopback runs the receive path (default: as
+                      the machine is; receiver needs root)
 Env: CARGO_TARGET_DIR (default ./target)
 EOF
 }
@@ -54,6 +60,7 @@ while [ $# -gt 0 ]; do
         --connections) CONNS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
+        --rx-cpu) RX_CPU=$2; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         -*) usage >&2; die "unknown option $1" ;;
         *) VARIANTS+=("$1"); shift ;;
@@ -95,8 +102,20 @@ OUT=${OUT:-$REPO/bench-results/ab-$STAMP.jsonl}
 mkdir -p "$(dirname "$OUT")"
 : >"$OUT"
 WORK=$(mktemp -d /tmp/relay-bench-ab.XXXXXX)
-trap 'stop_all_started; rm -rf "$WORK"' EXIT
+trap 'stop_all_started; rx_steer_restore; rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM
+
+case $RX_CPU in
+    '') RX_CPU=$(rx_steer_now) ;;
+    sender | receiver)
+        if [ "$(rx_steer_now)" != "$RX_CPU" ]; then
+            why=$(rx_steer_check) || die "--rx-cpu $RX_CPU: $why"
+            rx_steer_save
+            rx_steer "$RX_CPU" || die "--rx-cpu $RX_CPU: could not configure lo's receive steering"
+        fi
+        ;;
+    *) die "--rx-cpu: sender or receiver, not '$RX_CPU'" ;;
+esac
 
 NOFILE=$(ulimit -Hn)
 [ "$NOFILE" = unlimited ] && NOFILE=1048576
@@ -175,15 +194,15 @@ run() {
         warn "$v ${k}x$s: the load generator failed: $(tail -2 "$WORK/load.err" | tr '\n' ' ')"
         return 1
     fi
-    jq -c --arg v "$v" --arg cell "${k}x${s}" --argjson ticks $((t1 - t0)) --argjson hz "$CLK_TCK" \
+    jq -c --arg v "$v" --arg rx "$RX_CPU" --arg cell "${k}x${s}" --argjson ticks $((t1 - t0)) --argjson hz "$CLK_TCK" \
         --argjson cs $((x1 - x0)) --argjson busy0 "$(((b0 - c00) * 100 / (n0 - c01 > 0 ? n0 - c01 : 1)))" \
         --argjson busy1 "$(((b1 - c10) * 100 / (n1 - c11 > 0 ? n1 - c11 : 1)))" --argjson bp "$bp" \
-        '{cell: $cell, variant: $v, msgs_per_s: .msgs_per_s, p99_us: .rtt_us.p99, errors: (.errors + .verify_failures + .connect_failures + .handshake_failures),
+        '{cell: $cell, rx_cpu: $rx, variant: $v, msgs_per_s: .msgs_per_s, p99_us: .rtt_us.p99, errors: (.errors + .verify_failures + .connect_failures + .handshake_failures),
           cpu_us_per_msg: ($ticks * 1e6 / $hz / .messages), ctxsw_per_msg: ($cs / .messages),
           cpu0_busy_pct: $busy0, cpu1_busy_pct: $busy1, busy_poll: $bp}' "$WORK/load.json" >"$WORK/run.json"
 }
 
-log "$ROUNDS rounds x ${#CELL_LIST[@]} cells x ${#VARIANTS[@]} variants, $DURATION s each; JSON lines in $OUT"
+log "$ROUNDS rounds x ${#CELL_LIST[@]} cells x ${#VARIANTS[@]} variants, $DURATION s each, receive path on the $RX_CPU CPU; JSON lines in $OUT"
 for ((r = 1; r <= ROUNDS; r++)); do
     for c in "${CELL_LIST[@]}"; do
         for v in "${VARIANTS[@]}"; do
@@ -195,7 +214,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 echo
-echo "Medians over $ROUNDS rounds ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)):"
+echo "Medians over $ROUNDS rounds ($(date -u '+%Y-%m-%d %H:%M UTC'), $(uname -r), git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null), receive path on the $RX_CPU CPU):"
 echo
 echo "| cell | variant | msgs/s | p99 µs | CPU-µs/msg | ctxsw/msg | CPU 0 busy | CPU 1 busy |"
 echo "|---|---|--:|--:|--:|--:|--:|--:|"

@@ -18,6 +18,14 @@
 #               many echo-origin and load processes, for every peer alike. Proxy copies share one
 #               port with SO_REUSEPORT; copy i talks to its own origin i (see run_idle for why).
 #
+# Where the receive path runs (--rx-cpu): on loopback the kernel runs a packet's TCP receive
+# and the receiving socket's wake-up on the *sender's* CPU, so by default the proxy's own
+# receive work is done, and paid, on CPU 1 by the load generator and origin. `receiver` turns
+# on RFS for lo (scripts/lib/bench-compare-lib.sh) so that each side pays for its own
+# sockets, as on a host whose NIC queues are steered to the reading CPU; `both` (the default)
+# runs every throughput cell in each mode and reports them as two tables. Idle cells run
+# once, in the first mode. The machine's own settings are restored at exit.
+#
 # HAProxy and nginx come from the distribution (apt-get install haproxy nginx-light) when
 # missing; they run in the foreground from configs written to a temp dir (templates in
 # bench/peers/), never as the system services, and are stopped by PID. relay and relay-bench
@@ -97,6 +105,8 @@ usage: scripts/bench-compare.sh [options]
   --nice N              run proxies, origins and loads at this nice level (and this session's
                         autogroup too), so that other work on a shared machine disturbs them
                         less (default -20; 0 = unchanged)
+  --rx-cpu MODE         sender | receiver | both: where loopback runs the proxy's receive path
+                        (see the header of this script; default both; receiver needs root)
   --no-throughput       skip the throughput cells
   --out FILE            JSON output (default bench-results/compare-DATE.json)
   --docs / --no-docs    write the results section of docs/benchmarks.md (default: yes unless --quick)
@@ -124,6 +134,7 @@ NICE=-20
 ATTEMPTS=3
 NOISE_PCT=5
 DO_TPUT=1
+RX_CPU=both
 OUT=
 DOCS=
 BUILD=1
@@ -148,6 +159,7 @@ while [ $# -gt 0 ]; do
         --attempts) ATTEMPTS=${2:?}; shift ;;
         --noise-pct) NOISE_PCT=${2:?}; shift ;;
         --no-throughput) DO_TPUT=0 ;;
+        --rx-cpu) RX_CPU=${2:?}; shift ;;
         --no-idle) IDLE=none ;;
         --out) OUT=${2:?}; shift ;;
         --docs) DOCS=1 ;;
@@ -180,6 +192,11 @@ IFS=, read -r -a PEER_LIST <<<"$PEERS"
 for p in "${PEER_LIST[@]}"; do
     case $p in relay | haproxy | nginx | direct) ;; *) die "--peers: unknown peer $p" ;; esac
 done
+case $RX_CPU in
+    sender | receiver) RX_MODES=("$RX_CPU") ;;
+    both) RX_MODES=(sender receiver) ;;
+    *) die "--rx-cpu: sender, receiver or both, not '$RX_CPU'" ;;
+esac
 IFS=, read -r -a INFLIGHT_LIST <<<"$INFLIGHT"
 IFS=, read -r -a SIZE_LIST <<<"$SIZES"
 IDLE_LIST=()
@@ -272,8 +289,24 @@ RESULTS=$RUN_DIR/results.jsonl
 : >"$RESULTS"
 AUTOGROUP_OLD=
 
+# set_rx MODE: put loopback's receive path where MODE says (see the header), or die saying why.
+set_rx() {
+    [ "$(rx_steer_now)" = "$1" ] && return 0
+    local why
+    why=$(rx_steer_check) || die "--rx-cpu $1: $why; run as root or pass --rx-cpu $(rx_steer_now)"
+    [ -n "$RX_SAVED" ] || rx_steer_save
+    rx_steer "$1" || die "--rx-cpu $1: could not configure lo's receive steering"
+    log "receive path: $1 CPU"
+}
+for m in "${RX_MODES[@]}"; do
+    if [ "$(rx_steer_now)" != "$m" ]; then
+        why=$(rx_steer_check) || die "--rx-cpu $RX_CPU: $why; run as root or pass --rx-cpu $(rx_steer_now)"
+    fi
+done
+
 cleanup() {
     stop_all_started
+    rx_steer_restore
     [ -n "$AUTOGROUP_OLD" ] && echo "$AUTOGROUP_OLD" >"/proc/$$/autogroup" 2>/dev/null
     return 0
 }
@@ -502,54 +535,58 @@ if [ $DO_TPUT = 1 ]; then
         DURATION=$saved_duration
     fi
     NPEERS=${#PEER_LIST[@]}
-    for k in "${INFLIGHT_LIST[@]}"; do
-        for s in "${SIZE_LIST[@]}"; do
-            cell="${CONNS}x${k}x${s}B"
-            for peer in "${PEER_LIST[@]}"; do
-                : >"$RUN_DIR/tput-$cell-$peer.runs.jsonl"
-            done
-            # Rounds interleave the peers (round r: every peer once, the order rotated by r),
-            # so that a slow drift of the machine (another guest on the host, frequency)
-            # weighs on every peer alike instead of on whichever ran its repeats then.
-            for ((r = 1; r <= REPEAT; r++)); do
-                for ((pi = 0; pi < NPEERS; pi++)); do
-                    peer=${PEER_LIST[$(((pi + r - 1) % NPEERS))]}
-                    [ -n "${PEER_OK[$peer]:-}" ] || continue
-                    runs=$RUN_DIR/tput-$cell-$peer.runs.jsonl
-                    # A run disturbed by other work (the proxy was runnable but waited for CPU 0
-                    # for more than NOISE_PCT of the run; for direct: other processes used that
-                    # much of CPU 1) is retried, up to ATTEMPTS times; the least disturbed
-                    # attempt is kept.
-                    att=$RUN_DIR/tput-$cell-$peer-$r.attempts.jsonl
-                    : >"$att"
-                    for ((a = 1; a <= ATTEMPTS; a++)); do
-                        log "throughput $cell  $peer  (round $r/$REPEAT, attempt $a, ${DURATION}s)"
-                        run_tput "$peer" "$CONNS" "$k" "$s" "$RUN_DIR/tput-$cell-$peer-$r-$a" >>"$att"
-                        tail -1 "$att" | jq -r '"    " + (if .ok then "\(.msgs_per_s) msg/s  p50 \(.rtt_us.p50) p99 \(.rtt_us.p99) p99.9 \(.rtt_us.p999) us  cpu/msg \(.proxy_cpu_us_per_msg) us  proxy cpu \(.proxy_cpu_pct)% (waited \(.proxy_runq_wait_pct)%)  other cpu1 \(.other_cpu1_pct)%" else "FAILED: \(.error)" end)' >&2
-                        noise=$(tail -1 "$att" | jq -r '.proxy_runq_wait_pct // .other_cpu1_pct // 0 | round')
-                        [ "$noise" -le "$NOISE_PCT" ] && break
-                        [ "$a" -lt "$ATTEMPTS" ] && log "    disturbed (${noise}% > ${NOISE_PCT}%), again"
-                    done
-                    jq -sc 'map(. + {noise: (.proxy_runq_wait_pct // .other_cpu1_pct // 0)})
-                        | (map(select(.ok)) | if length > 0 then . else null end) as $good
-                        | ($good // .) | min_by(.noise)' "$att" |
-                        jq -c --argjson n "$(wc -l <"$att")" '.attempts = $n' >>"$runs"
+    for rx in "${RX_MODES[@]}"; do
+        set_rx "$rx"
+        for k in "${INFLIGHT_LIST[@]}"; do
+            for s in "${SIZE_LIST[@]}"; do
+                cell="${CONNS}x${k}x${s}B"
+                tag="$rx-$cell"
+                for peer in "${PEER_LIST[@]}"; do
+                    : >"$RUN_DIR/tput-$tag-$peer.runs.jsonl"
                 done
-            done
-            for peer in "${PEER_LIST[@]}"; do
-                if [ -z "${PEER_OK[$peer]:-}" ]; then
-                    record "$(jq -nc --arg cell "$cell" --arg peer "$peer" --arg e "skipped: ${PEER_SKIP[$peer]:-unavailable}" \
-                        --argjson c "$CONNS" --argjson k "$k" --argjson s "$s" \
-                        '{kind: "throughput", cell: $cell, peer: $peer, connections: $c, inflight: $k, size: $s, ok: false, error: $e}')"
-                    continue
-                fi
-                # Median run by msgs/s (failed runs count as 0); all runs kept in the JSON.
-                record "$(jq -sc --arg cell "$cell" --arg peer "$peer" --argjson c "$CONNS" --argjson k "$k" --argjson s "$s" '
-                    (sort_by(.msgs_per_s // 0)) as $sorted
-                    | $sorted[(length - 1) / 2 | floor] + {kind: "throughput", cell: $cell, peer: $peer,
-                        connections: $c, inflight: $k, size: $s,
-                        runs_msgs_per_s: [.[] | .msgs_per_s], runs_cpu_us_per_msg: [.[] | .proxy_cpu_us_per_msg],
-                        runs_p99_us: [.[] | .rtt_us.p99], runs_failed: ([.[] | select(.ok | not)] | length)}' "$RUN_DIR/tput-$cell-$peer.runs.jsonl")"
+                # Rounds interleave the peers (round r: every peer once, the order rotated by r),
+                # so that a slow drift of the machine (another guest on the host, frequency)
+                # weighs on every peer alike instead of on whichever ran its repeats then.
+                for ((r = 1; r <= REPEAT; r++)); do
+                    for ((pi = 0; pi < NPEERS; pi++)); do
+                        peer=${PEER_LIST[$(((pi + r - 1) % NPEERS))]}
+                        [ -n "${PEER_OK[$peer]:-}" ] || continue
+                        runs=$RUN_DIR/tput-$tag-$peer.runs.jsonl
+                        # A run disturbed by other work (the proxy was runnable but waited for CPU 0
+                        # for more than NOISE_PCT of the run; for direct: other processes used that
+                        # much of CPU 1) is retried, up to ATTEMPTS times; the least disturbed
+                        # attempt is kept.
+                        att=$RUN_DIR/tput-$tag-$peer-$r.attempts.jsonl
+                        : >"$att"
+                        for ((a = 1; a <= ATTEMPTS; a++)); do
+                            log "throughput $cell  $peer  (receive path on the $rx CPU; round $r/$REPEAT, attempt $a, ${DURATION}s)"
+                            run_tput "$peer" "$CONNS" "$k" "$s" "$RUN_DIR/tput-$tag-$peer-$r-$a" >>"$att"
+                            tail -1 "$att" | jq -r '"    " + (if .ok then "\(.msgs_per_s) msg/s  p50 \(.rtt_us.p50) p99 \(.rtt_us.p99) p99.9 \(.rtt_us.p999) us  cpu/msg \(.proxy_cpu_us_per_msg) us  proxy cpu \(.proxy_cpu_pct)% (waited \(.proxy_runq_wait_pct)%)  other cpu1 \(.other_cpu1_pct)%" else "FAILED: \(.error)" end)' >&2
+                            noise=$(tail -1 "$att" | jq -r '.proxy_runq_wait_pct // .other_cpu1_pct // 0 | round')
+                            [ "$noise" -le "$NOISE_PCT" ] && break
+                            [ "$a" -lt "$ATTEMPTS" ] && log "    disturbed (${noise}% > ${NOISE_PCT}%), again"
+                        done
+                        jq -sc 'map(. + {noise: (.proxy_runq_wait_pct // .other_cpu1_pct // 0)})
+                            | (map(select(.ok)) | if length > 0 then . else null end) as $good
+                            | ($good // .) | min_by(.noise)' "$att" |
+                            jq -c --argjson n "$(wc -l <"$att")" '.attempts = $n' >>"$runs"
+                    done
+                done
+                for peer in "${PEER_LIST[@]}"; do
+                    if [ -z "${PEER_OK[$peer]:-}" ]; then
+                        record "$(jq -nc --arg cell "$cell" --arg peer "$peer" --arg e "skipped: ${PEER_SKIP[$peer]:-unavailable}" \
+                            --argjson c "$CONNS" --argjson k "$k" --argjson s "$s" --arg rx "$rx" \
+                            '{kind: "throughput", cell: $cell, rx_cpu: $rx, peer: $peer, connections: $c, inflight: $k, size: $s, ok: false, error: $e}')"
+                        continue
+                    fi
+                    # Median run by msgs/s (failed runs count as 0); all runs kept in the JSON.
+                    record "$(jq -sc --arg cell "$cell" --arg peer "$peer" --argjson c "$CONNS" --argjson k "$k" --argjson s "$s" --arg rx "$rx" '
+                        (sort_by(.msgs_per_s // 0)) as $sorted
+                        | $sorted[(length - 1) / 2 | floor] + {kind: "throughput", cell: $cell, rx_cpu: $rx, peer: $peer,
+                            connections: $c, inflight: $k, size: $s,
+                            runs_msgs_per_s: [.[] | .msgs_per_s], runs_cpu_us_per_msg: [.[] | .proxy_cpu_us_per_msg],
+                            runs_p99_us: [.[] | .rtt_us.p99], runs_failed: ([.[] | select(.ok | not)] | length)}' "$RUN_DIR/tput-$tag-$peer.runs.jsonl")"
+                done
             done
         done
     done
@@ -732,6 +769,7 @@ run_idle() {
           }'
 }
 
+[ ${#IDLE_LIST[@]} -gt 0 ] && set_rx "${RX_MODES[0]}"
 for n in "${IDLE_LIST[@]}"; do
     cell="idle $n"
     for peer in "${PEER_LIST[@]}"; do
@@ -759,7 +797,7 @@ $obj")
         fi
         prev=
         record "$(jq -c --arg cell "$cell" --arg peer "$peer" --argjson n "$n" \
-            '. + {kind: "idle", cell: $cell, peer: $peer, connections: $n}' <<<"$obj")"
+            --arg rx "${RX_MODES[0]}" '. + {kind: "idle", cell: $cell, rx_cpu: $rx, peer: $peer, connections: $n}' <<<"$obj")"
         tail -1 "$RESULTS" | jq -r '"    " + (if .held then "held \(.held)  \(.connect_rate_per_s) conn/s  proxy user \(.proxy_user_bytes_per_conn) B/conn  kernel \(.kernel_bytes_per_conn) B/conn  cpu/conn \(.proxy_cpu_us_per_conn) us" else "" end) + (if .error then "  ERROR: \(.error)" else "" end)' >&2
     done
 done
@@ -776,15 +814,15 @@ versions=$(for p in relay haproxy nginx direct; do printf '%s\t%s\n' "$p" "${PEE
 jq -s --arg cmd "$CMD" --arg date "$(date -u '+%Y-%m-%d %H:%M UTC')" --arg model "${MODEL:-unknown}" --arg hv "${HYPERVISOR:-}" \
     --arg cpus "$(nproc --all)" --arg mem "$(meminfo_kib MemTotal)" --arg kernel "$(uname -r)" \
     --arg rev "$GIT_REV" --argjson versions "$versions" --arg dur "$DURATION" --arg hold "$HOLD" \
-    --arg repeat "$REPEAT" --arg nofile "$NOFILE_HARD" --arg peers "$PEERS" --arg nice "$NICE" --arg attempts "$ATTEMPTS" --arg noise "$NOISE_PCT" '
+    --arg repeat "$REPEAT" --arg nofile "$NOFILE_HARD" --arg peers "$PEERS" --arg nice "$NICE" --arg attempts "$ATTEMPTS" --arg noise "$NOISE_PCT" --arg rx "${RX_MODES[*]}" '
     {
       meta: {command: $cmd, date: $date, cpu_model: $model, cpus: ($cpus | tonumber),
              hypervisor: (if $hv == "" then null else $hv end),
              mem_total_kib: ($mem | tonumber), kernel: $kernel, git: $rev, versions: $versions,
              peers: ($peers | split(",")), duration_s: ($dur | tonumber), hold_s: ($hold | tonumber),
              repeat: ($repeat | tonumber), rlimit_nofile: ($nofile | tonumber), nice: ($nice | tonumber),
-             attempts: ($attempts | tonumber), noise_pct: ($noise | tonumber),
-             layout: "proxy on CPU 0 (taskset -c 0); relay-bench load and echo-origin on CPU 1 (taskset -c 1); all at nice \($nice)"},
+             attempts: ($attempts | tonumber), noise_pct: ($noise | tonumber), rx_cpu: ($rx | split(" ")),
+             layout: "proxy on CPU 0 (taskset -c 0); relay-bench load and echo-origin on CPU 1 (taskset -c 1); all at nice \($nice); loopback receive path on the \($rx | split(" ") | join(" CPU, then on the ")) CPU (--rx-cpu)"},
       results: .
     }' "$RESULTS" >"$OUT" || die "cannot write $OUT"
 

@@ -199,3 +199,57 @@ ceil_div() { echo $((($1 + $2 - 1) / $2)); }
 
 # jq-friendly number or null.
 num_or_null() { if [[ $1 =~ ^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$ ]]; then echo "$1"; else echo null; fi; }
+
+# ---------------------------------------------------------------- where loopback's receive path runs
+# On loopback the kernel runs a packet's whole receive path (TCP input, the receiving socket's
+# wake-up callback: epoll's, io_uring's) on the CPU of the process that *sent* it, so a
+# proxy's own receive costs land on the load generator's CPU and are missing from the
+# proxy's CPU figures. With RFS on lo (rps_cpus = every CPU, a flow table) each packet's
+# receive path runs on the CPU where its receiving socket was last read, as on a host whose
+# NIC queues are steered to the application's CPU (tuning/README.md). Modes:
+#   sender    the kernel's default (RPS off on lo)
+#   receiver  RFS on lo
+# rx_steer_save first (remembers the machine's values), rx_steer MODE, rx_steer_restore at exit.
+RX_Q=/sys/class/net/lo/queues/rx-0
+RX_SAVED=
+rx_steer_save() {
+    RX_SAVED="$(cat "$RX_Q/rps_cpus") $(cat "$RX_Q/rps_flow_cnt") $(cat /proc/sys/net/core/rps_sock_flow_entries)"
+}
+# rx_steer_check: fails, saying why, where the receiver mode cannot be set up.
+rx_steer_check() {
+    local f
+    for f in "$RX_Q/rps_cpus" "$RX_Q/rps_flow_cnt" /proc/sys/net/core/rps_sock_flow_entries; do
+        [ -w "$f" ] || { echo "cannot write $f (needs root and a kernel with RPS)"; return 1; }
+    done
+}
+rx_steer() {
+    case $1 in
+        sender)
+            echo 0 >"$RX_Q/rps_cpus" && echo 0 >"$RX_Q/rps_flow_cnt" &&
+                echo 0 >/proc/sys/net/core/rps_sock_flow_entries
+            ;;
+        receiver)
+            echo 32768 >/proc/sys/net/core/rps_sock_flow_entries && echo 32768 >"$RX_Q/rps_flow_cnt" &&
+                printf '%x\n' $(((1 << $(nproc --all)) - 1)) >"$RX_Q/rps_cpus"
+            ;;
+        *) return 1 ;;
+    esac
+}
+# rx_steer_now: the mode the machine is in (receiver once lo has RPS CPUs and a flow table).
+rx_steer_now() {
+    if [ "$(tr -d '0,\n' <"$RX_Q/rps_cpus")" != "" ] && [ "$(cat "$RX_Q/rps_flow_cnt")" -gt 0 ] &&
+        [ "$(cat /proc/sys/net/core/rps_sock_flow_entries)" -gt 0 ]; then
+        echo receiver
+    else
+        echo sender
+    fi
+}
+rx_steer_restore() {
+    [ -n "$RX_SAVED" ] || return 0
+    local cpus cnt entries
+    read -r cpus cnt entries <<<"$RX_SAVED"
+    echo "$entries" >/proc/sys/net/core/rps_sock_flow_entries
+    echo "$cnt" >"$RX_Q/rps_flow_cnt"
+    echo "$cpus" >"$RX_Q/rps_cpus"
+    RX_SAVED=
+}

@@ -34,38 +34,45 @@ def pairs($a; $b): [range(0; [($a | length), ($b | length)] | min) | select($a[.
 def won($p; $better): ($p | map(select(if $better == "higher" then .[0] > .[1] else .[0] < .[1] end)) | length | tostring) + " of " + ($p | length | tostring);
 def pratio($p): if ($p | length) == 0 then "–" else ($p | map(.[1] / .[0]) | median | fixed(2)) + "×" end;
 def good: .ok == true or (.msgs_per_s // 0) > 0 or (.held // 0) > 0;
+# Where loopback ran the receive path (bench-compare.sh --rx-cpu); runs before the option: sender.
+def rx: .rx_cpu // "sender";
+def rxtitle:
+  if . == "receiver" then "receive path on the receiving process's CPU (`--rx-cpu receiver`: RFS on lo, so each process pays for its own sockets' TCP receive and wake-ups, as on a host whose NIC queues are steered to the reading CPU)"
+  else "receive path on the sending CPU (`--rx-cpu sender`, the kernel's loopback default: the load generator's and origin's CPU runs the TCP receive and the wake-up of the proxy's sockets, so part of the proxy's cost lands on CPU 1)" end;
 
 .results as $all
-| def ref($r; $peer): ($all | map(select(.cell == $r.cell and .peer == $peer and good)) | first) // {};
-([$all[] | select(.kind == "throughput")] | group_by(.connections, .inflight, .size) | map(.[0].cell)) as $tcells
+| def ref($r; $peer): ($all | map(select(.cell == $r.cell and rx == ($r | rx) and .peer == $peer and good)) | first) // {};
+([$all[] | select(.kind == "throughput") | rx] | unique | sort_by(if . == "sender" then 0 else 1 end)) as $modes
 | ([$all[] | select(.kind == "idle")] | group_by(.connections) | map(.[0].cell)) as $icells
-| (if ($tcells | length) > 0 then
-    "#### Throughput (closed loop: each connection keeps `inflight` messages of `size` bytes in flight; a message = one echo, i.e. one frame each way through the proxy)\n",
+| ($modes[] as $mode
+  | ([$all[] | select(.kind == "throughput" and rx == $mode)] | group_by(.connections, .inflight, .size) | map(.[0].cell)) as $tcells
+  | (
+    "#### Throughput, \($mode | rxtitle)\n",
+    "Closed loop: each connection keeps `inflight` messages of `size` bytes in flight; a message = one echo, i.e. one frame each way through the proxy.\n",
     "| cell conns×inflight×size | peer | msgs/s | ×direct | ×relay | RTT p50 µs | p99 µs | p99.9 µs | p50 ×direct | p99 ×direct | p99 ×relay | p99.9 ×relay | proxy CPU-µs/msg | ×relay | proxy CPU | notes |",
     "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-    ($tcells[] as $c | $all[] | select(.kind == "throughput" and .cell == $c)
+    ($tcells[] as $c | $all[] | select(.kind == "throughput" and .cell == $c and rx == $mode)
       | . as $r | ref($r; "direct") as $d | ref($r; "relay") as $rl
       | if good then
           "| \(.cell) | \(.peer) | \(.msgs_per_s | si) | \(ratio(.msgs_per_s; $d.msgs_per_s)) | \(ratio(.msgs_per_s; $rl.msgs_per_s)) | \(.rtt_us.p50 | us) | \(.rtt_us.p99 | us) | \(.rtt_us.p999 | us) | \(ratio(.rtt_us.p50; $d.rtt_us.p50)) | \(ratio(.rtt_us.p99; $d.rtt_us.p99)) | \(ratio(.rtt_us.p99; $rl.rtt_us.p99)) | \(ratio(.rtt_us.p999; $rl.rtt_us.p999)) | \(.proxy_cpu_us_per_msg | if . == null then "–" else fixed(3) end) | \(ratio(.proxy_cpu_us_per_msg; $rl.proxy_cpu_us_per_msg)) | \(.proxy_cpu_pct | if . == null then "–" else fixed(0) + " %" end) | \(note) |"
         else
           "| \(.cell) | \(.peer) | FAILED | | | | | | | | | | | | | \(note) |"
         end),
-    ""
-  else empty end),
-  (if ([$all[] | select(.kind == "throughput" and .peer == "relay" and ((.runs_cpu_us_per_msg // []) | length) > 1)] | length) > 0 then
-    "#### Round by round: relay against each peer in the same round\n",
-    "Each round runs every peer once, back to back; \"relay ahead\" counts the rounds in which relay had more msgs/s, less proxy CPU per message, a lower p99. Ratios: the median over rounds of the peer's figure ÷ relay's in that round.\n",
-    "| cell | peer | rounds relay ahead: msgs/s | CPU-µs/msg | p99 | msgs/s ×relay | CPU-µs/msg ×relay | p99 ×relay |",
-    "|---|---|--:|--:|--:|--:|--:|--:|",
-    ($tcells[] as $c | ($all | map(select(.kind == "throughput" and .cell == $c and .peer == "relay")) | first) as $rl
-      | select($rl != null and (($rl.runs_cpu_us_per_msg // []) | length) > 1)
-      | $all[] | select(.kind == "throughput" and .cell == $c and .peer != "relay" and .peer != "direct" and good)
-      | pairs($rl.runs_msgs_per_s; .runs_msgs_per_s) as $m
-      | pairs($rl.runs_cpu_us_per_msg; .runs_cpu_us_per_msg // []) as $u
-      | pairs($rl.runs_p99_us; .runs_p99_us // []) as $l
-      | "| \($c) | \(.peer) | \(won($m; "higher")) | \(won($u; "lower")) | \(won($l; "lower")) | \(pratio($m)) | \(pratio($u)) | \(pratio($l)) |"),
-    ""
-  else empty end),
+    "",
+    (if ([$all[] | select(.kind == "throughput" and rx == $mode and .peer == "relay" and ((.runs_cpu_us_per_msg // []) | length) > 1)] | length) > 0 then
+      "Round by round, same receive path: each round runs every peer once, back to back; \"relay ahead\" counts the rounds in which relay had more msgs/s, less proxy CPU per message, a lower p99. Ratios: the median over rounds of the peer's figure ÷ relay's in that round.\n",
+      "| cell | peer | rounds relay ahead: msgs/s | CPU-µs/msg | p99 | msgs/s ×relay | CPU-µs/msg ×relay | p99 ×relay |",
+      "|---|---|--:|--:|--:|--:|--:|--:|",
+      ($tcells[] as $c | ($all | map(select(.kind == "throughput" and .cell == $c and rx == $mode and .peer == "relay")) | first) as $rl
+        | select($rl != null and (($rl.runs_cpu_us_per_msg // []) | length) > 1)
+        | $all[] | select(.kind == "throughput" and .cell == $c and rx == $mode and .peer != "relay" and .peer != "direct" and good)
+        | pairs($rl.runs_msgs_per_s; .runs_msgs_per_s) as $m
+        | pairs($rl.runs_cpu_us_per_msg; .runs_cpu_us_per_msg // []) as $u
+        | pairs($rl.runs_p99_us; .runs_p99_us // []) as $l
+        | "| \($c) | \(.peer) | \(won($m; "higher")) | \(won($u; "lower")) | \(won($l; "lower")) | \(pratio($m)) | \(pratio($u)) | \(pratio($l)) |"),
+      ""
+    else empty end)
+  )),
   (if ($icells | length) > 0 then
     "#### Idle connections (opened with `load --mode hold --rate 0`, then held; memory sampled once all are open)\n",
     "| cell | peer | held | processes proxy/origin/load | new conn/s | ×direct | ×relay | proxy CPU-µs/conn | ×relay | proxy user B/conn | ×relay | kernel B/conn (all sockets) | ×direct | ×relay | notes |",
