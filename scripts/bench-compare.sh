@@ -106,7 +106,8 @@ usage: scripts/bench-compare.sh [options]
                         autogroup too), so that other work on a shared machine disturbs them
                         less (default -20; 0 = unchanged)
   --rx-cpu MODE         sender | receiver | both: where loopback runs the proxy's receive path
-                        (see the header of this script; default both; receiver needs root)
+                        (see the header of this script; default both, or sender
+                        where lo's steering cannot be changed; receiver needs root)
   --no-throughput       skip the throughput cells
   --out FILE            JSON output (default bench-results/compare-DATE.json)
   --docs / --no-docs    write the results section of docs/benchmarks.md (default: yes unless --quick)
@@ -134,7 +135,7 @@ NICE=-20
 ATTEMPTS=3
 NOISE_PCT=5
 DO_TPUT=1
-RX_CPU=both
+RX_CPU=
 OUT=
 DOCS=
 BUILD=1
@@ -192,6 +193,13 @@ IFS=, read -r -a PEER_LIST <<<"$PEERS"
 for p in "${PEER_LIST[@]}"; do
     case $p in relay | haproxy | nginx | direct) ;; *) die "--peers: unknown peer $p" ;; esac
 done
+if [ -z "$RX_CPU" ]; then
+    RX_CPU=both
+    if ! why=$(rx_steer_check); then
+        warn "the receiver mode of --rx-cpu is not available ($why): only --rx-cpu sender runs"
+        RX_CPU=sender
+    fi
+fi
 case $RX_CPU in
     sender | receiver) RX_MODES=("$RX_CPU") ;;
     both) RX_MODES=(sender receiver) ;;
