@@ -291,8 +291,8 @@ NGINX_WORKER_CONNS=$((NOFILE_HARD - 200))
 
 STAMP=$(date -u +%Y%m%d-%H%M%S)
 [ -z "$OUT" ] && OUT=$REPO/bench-results/compare-$STAMP.json
-# Absolute: the peers are started with their run directory as prefix (nginx -p), where a
-# relative path would be read relative to itself.
+# Absolute: nginx is started with its run directory as prefix (-p) and reads a relative
+# conf or log path relative to that prefix, not to our working directory.
 case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
 RUN_DIR=${OUT%.json}
 mkdir -p "$RUN_DIR" || die "cannot create $RUN_DIR"
