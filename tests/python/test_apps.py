@@ -428,6 +428,15 @@ async def recv_within(ws, timeout: float = 5.0):
     return await asyncio.wait_for(ws.recv(), timeout)
 
 
+async def assert_first_and_only(relay: Relay, member, room: str, text: str):
+    """An authorized publish of `text` is accepted and is the first and only thing `member`
+    receives: whatever was refused before it reached nobody."""
+    status, _, body = await asyncio.to_thread(publish, relay, room, text.encode(), "text/plain")
+    assert status == 202, (status, body)
+    assert await recv_within(member) == text
+    await assert_silent(member)
+
+
 async def assert_silent(ws, for_s: float = 0.3):
     """Nothing arrives for `for_s` (after the ordering checks that make this a formality)."""
     try:
@@ -584,12 +593,58 @@ def test_publish_with_wrong_or_missing_token_gets_401(apps_relay):
                 assert status == 401, (token_header, status, body)
                 assert h.get("www-authenticate", "").startswith("Bearer"), h
             # None of the refused calls reached the member: its first message is this one.
-            status, _, _ = await asyncio.to_thread(publish, r, "a", b"authorized", "text/plain")
-            assert status == 202
-            assert await recv_within(member) == "authorized"
-            await assert_silent(member)
+            await assert_first_and_only(r, member, "a", "authorized")
 
     arun(go(), 20)
+
+
+def test_refused_publish_answers_a_client_still_sending_its_body(apps_relay):
+    """A publish refused before its body is read (413 here, 401 above) is still answered.
+
+    The client is still sending 4 MiB when relay decides; relay must read and discard the
+    rest (a lingering close) rather than close with unread bytes, which makes the kernel send
+    RST: the client would then fail in its send (or lose the response) instead of seeing 413.
+    """
+    r = apps_relay(apps_config('max_message_size = "64KiB"'))
+
+    async def go():
+        async with client(r.url + "/rooms/big") as member:
+            wait_until(lambda: rooms_listed(r) == {"big": 1}, 5, what="member listed")
+            for _ in range(3):
+                status, h, body = await asyncio.to_thread(
+                    publish, r, "big", b"x" * (4 << 20), "application/octet-stream"
+                )
+                assert status == 413, (status, body)
+                assert b"apps.max_message_size" in body, body
+                assert h.get("connection") == "close", h
+            # No part of the refused bodies reached the member; the listener still serves.
+            await assert_first_and_only(r, member, "big", "small")
+
+    arun(go(), 30)
+
+
+def test_publish_without_content_length_gets_411(apps_relay):
+    r = apps_relay(apps_config())
+
+    def chunked():
+        host, port = r.admin.removeprefix("http://").split(":")
+        c = http.client.HTTPConnection(host, int(port), timeout=5)
+        try:
+            # An iterable body makes http.client send Transfer-Encoding: chunked.
+            c.request(
+                "POST",
+                "/v1/rooms/a/messages",
+                body=iter([b"part one ", b"part two"]),
+                headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"},
+            )
+            resp = c.getresponse()
+            return resp.status, resp.read()
+        finally:
+            c.close()
+
+    status, body = chunked()
+    assert status == 411, (status, body)
+    assert body == b"Content-Length required\n", body
 
 
 # =========================================================================== 3. slow member

@@ -7,10 +7,10 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::stats::{CloseCause, Counters, Latencies, RouteCounters, WorkerStats};
 use crate::apps::{RoomHub, RoomMsg};
@@ -52,10 +52,37 @@ pub fn start(
                 }
                 if let Ok(mut c) = conn {
                     let _ = serve(&mut c, &stats, &cfg, &hub);
+                    linger_close(c);
                 }
             }
         })?;
     Ok(Admin { stop, addr, thread })
+}
+
+/// The longest a finished connection is drained before it is closed anyway.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Ends a connection whose request may still be arriving, as HTTP/1.1 servers must (RFC 9112
+/// section 9.6, nginx's `lingering_close`): FIN after the response, then read and discard
+/// until the client closes, for at most [`LINGER`]. Closing with unread bytes makes the kernel
+/// answer with RST, and a client still sending (a refused publish's body) then fails in its
+/// send or loses the response it has not read yet, instead of seeing the 401 or 413.
+fn linger_close(mut c: TcpStream) {
+    if c.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let until = Instant::now() + LINGER;
+    let mut sink = [0u8; 16 * 1024];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || c.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match c.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 fn serve(
@@ -249,8 +276,11 @@ fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &[u8]) -> std::io::R
         "HTTP/1.1 {code} {reason}\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    c.write_all(head.as_bytes())?;
-    c.write_all(body)
+    // One write: head and body leave in one segment rather than waiting on Nagle.
+    let mut out = Vec::with_capacity(head.len() + body.len());
+    out.extend_from_slice(head.as_bytes());
+    out.extend_from_slice(body);
+    c.write_all(&out)
 }
 
 /// Aggregated counters over every worker.
