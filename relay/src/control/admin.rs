@@ -51,12 +51,22 @@ pub fn start(
                     break;
                 }
                 if let Ok(mut c) = conn {
-                    let _ = serve(&mut c, &stats, &cfg, &hub);
-                    linger_close(c);
+                    match serve(&mut c, &stats, &cfg, &hub) {
+                        Ok(Ending::HandedOff) => {}
+                        Ok(Ending::Close) | Err(_) => linger_close(c),
+                    }
                 }
             }
         })?;
     Ok(Admin { stop, addr, thread })
+}
+
+/// What becomes of an admin connection once its request is answered.
+pub(super) enum Ending {
+    /// Answered: lingering close.
+    Close,
+    /// Another thread owns it now (the dashboard's live feed).
+    HandedOff,
 }
 
 /// The longest a finished connection is drained before it is closed anyway.
@@ -90,7 +100,7 @@ fn serve(
     stats: &[Arc<WorkerStats>],
     cfg: &Config,
     hub: &RoomHub,
-) -> std::io::Result<()> {
+) -> std::io::Result<Ending> {
     c.set_read_timeout(Some(Duration::from_secs(2)))?;
     c.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = [0u8; 4096];
@@ -98,7 +108,7 @@ fn serve(
     let path = loop {
         let k = c.read(&mut buf[n..])?;
         if k == 0 {
-            return Ok(());
+            return Ok(Ending::Close);
         }
         n += k;
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -183,7 +193,7 @@ fn publish(
     path: &str,
     cfg: &Config,
     hub: &RoomHub,
-) -> std::io::Result<()> {
+) -> std::io::Result<Ending> {
     let path = path.split('?').next().unwrap_or("");
     let Some(room) = path
         .strip_prefix("/v1/rooms/")
@@ -254,7 +264,7 @@ fn publish(
     respond(c, 202, "application/json", answer.as_bytes())
 }
 
-fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &[u8]) -> std::io::Result<()> {
+fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &[u8]) -> std::io::Result<Ending> {
     let reason = match code {
         200 => "OK",
         202 => "Accepted",
@@ -280,7 +290,8 @@ fn respond(c: &mut TcpStream, code: u16, ctype: &str, body: &[u8]) -> std::io::R
     let mut out = Vec::with_capacity(head.len() + body.len());
     out.extend_from_slice(head.as_bytes());
     out.extend_from_slice(body);
-    c.write_all(&out)
+    c.write_all(&out)?;
+    Ok(Ending::Close)
 }
 
 /// Aggregated counters over every worker.

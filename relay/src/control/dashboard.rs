@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
+use super::admin::Ending;
 use crate::proto::http::accept_key;
 use crate::proto::ws::{write_message, DataKind, Decoder, DecoderConfig, Delivery, Event};
 
@@ -188,22 +189,25 @@ impl Drop for Place {
 /// Answers `GET /v1/live`: `head` is everything the admin listener has read from `c` (the
 /// request head, perhaps followed by the client's first frames). On a valid handshake the
 /// connection moves to a thread of its own that pushes `snapshot()` every
-/// [`PUSH_INTERVAL`]; this returns at once.
-pub fn serve_live<F>(c: &mut TcpStream, head: &[u8], snapshot: F) -> std::io::Result<()>
+/// [`PUSH_INTERVAL`]; this returns at once, with [`Ending::HandedOff`] ([`Ending::Close`]
+/// after an error answer, which the admin listener then closes).
+pub(super) fn serve_live<F>(c: &mut TcpStream, head: &[u8], snapshot: F) -> std::io::Result<Ending>
 where
     F: Fn() -> String + Send + 'static,
 {
     let (answer, len) = match handshake(head) {
         Ok(a) => a,
-        Err(e) => return c.write_all(&e.response()),
+        Err(e) => return c.write_all(&e.response()).map(|()| Ending::Close),
     };
     let Some(place) = Place::take() else {
-        return c.write_all(&plain(
-            503,
-            "Service Unavailable",
-            "Retry-After: 5\r\n",
-            &format!("too many live dashboard clients (at most {MAX_LIVE_CLIENTS})"),
-        ));
+        return c
+            .write_all(&plain(
+                503,
+                "Service Unavailable",
+                "Retry-After: 5\r\n",
+                &format!("too many live dashboard clients (at most {MAX_LIVE_CLIENTS})"),
+            ))
+            .map(|()| Ending::Close);
     };
     let stream = c.try_clone()?;
     let pending = head[len..].to_vec();
@@ -215,7 +219,7 @@ where
                 tracing::debug!("live dashboard client ended: {e}");
             }
         })?;
-    Ok(())
+    Ok(Ending::HandedOff)
 }
 
 /// What the client's frames ask of us.
