@@ -149,9 +149,10 @@ def client(url: str, **kw):
 
 
 def admin_call(
-    relay: Relay, method: str, path: str, body: bytes | None = None, headers: dict | None = None
+    relay: Relay, method: str, path: str, body=None, headers: dict | None = None
 ) -> tuple[int, dict, bytes]:
-    """One request to the admin listener: (status, lower-cased headers, body)."""
+    """One request to the admin listener: (status, lower-cased headers, body). `body` is what
+    http.client takes: bytes, or an iterable of chunks (sent chunked)."""
     host, port = relay.admin.removeprefix("http://").split(":")
     c = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
@@ -625,24 +626,14 @@ def test_refused_publish_answers_a_client_still_sending_its_body(apps_relay):
 
 def test_publish_without_content_length_gets_411(apps_relay):
     r = apps_relay(apps_config())
-
-    def chunked():
-        host, port = r.admin.removeprefix("http://").split(":")
-        c = http.client.HTTPConnection(host, int(port), timeout=5)
-        try:
-            # An iterable body makes http.client send Transfer-Encoding: chunked.
-            c.request(
-                "POST",
-                "/v1/rooms/a/messages",
-                body=iter([b"part one ", b"part two"]),
-                headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"},
-            )
-            resp = c.getresponse()
-            return resp.status, resp.read()
-        finally:
-            c.close()
-
-    status, body = chunked()
+    # An iterable body makes http.client send Transfer-Encoding: chunked.
+    status, _, body = admin_call(
+        r,
+        "POST",
+        "/v1/rooms/a/messages",
+        iter([b"part one ", b"part two"]),
+        {"Authorization": f"Bearer {TOKEN}", "Content-Type": "text/plain"},
+    )
     assert status == 411, (status, body)
     assert body == b"Content-Length required\n", body
 
