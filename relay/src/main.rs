@@ -72,6 +72,17 @@ struct Cli {
     #[arg(long, value_name = "auto|off|DURATION")]
     busy_poll: Option<String>,
 
+    /// Hold a sleeping worker's wake-up until --coalesce-events completions are ready or
+    /// this long has passed: "off" or a duration up to 1ms (e.g. "50us"); overrides the
+    /// config's workers.coalesce.
+    #[arg(long, value_name = "off|DURATION")]
+    coalesce: Option<String>,
+
+    /// Completions that end a coalesced wait at once (2 to 4096); overrides the config's
+    /// workers.coalesce_events.
+    #[arg(long, value_name = "N")]
+    coalesce_events: Option<u32>,
+
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "relay=debug". Defaults to
     /// $RELAY_LOG, then "info".
     #[arg(long, value_name = "FILTER")]
@@ -166,6 +177,14 @@ fn load(cli: &Cli) -> Result<Config, String> {
     if let Some(b) = &cli.busy_poll {
         cfg.workers.busy_poll =
             relay::config::parse_busy_poll("--busy-poll", b).map_err(|e| e.to_string())?;
+    }
+    if let Some(c) = &cli.coalesce {
+        cfg.workers.coalesce =
+            relay::config::parse_coalesce("--coalesce", c).map_err(|e| e.to_string())?;
+    }
+    if let Some(n) = cli.coalesce_events {
+        cfg.workers.coalesce_events = relay::config::check_coalesce_events("--coalesce-events", n)
+            .map_err(|e| e.to_string())?;
     }
     Ok(cfg)
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use crate::reactor::BusyPoll;
+pub use crate::reactor::{BusyPoll, Coalesce};
 
 pub use raw::RawConfig;
 
@@ -27,6 +27,10 @@ const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 /// (docs/benchmarks.md) while the relay's core was the limit: 5 µs changed nothing, 20 µs
 /// bought 3-18 % msgs/s.
 pub const AUTO_BUSY_POLL: Duration = Duration::from_micros(20);
+/// Longest `workers.coalesce` accepted: it is added to a message's latency at worst.
+const MAX_COALESCE: Duration = Duration::from_millis(1);
+/// Most completions `workers.coalesce_events` may wait for (a quarter of the CQ ring).
+pub const MAX_COALESCE_EVENTS: u32 = 4096;
 
 /// A configuration error that names the offending key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +270,22 @@ pub struct Workers {
     /// wake-up latency of an idle CPU (a halted vCPU in a VM).
     #[serde(serialize_with = "ser_busy_poll")]
     pub busy_poll: BusyPoll,
+    /// Hold a sleeping worker's wake-up until `coalesce_events` completions are ready or
+    /// this long has passed ("off": wake on the first). Trades up to this much latency for
+    /// fewer wake-ups, which the CPU sending into the relay pays for.
+    #[serde(serialize_with = "ser_opt_duration")]
+    pub coalesce: Option<Duration>,
+    pub coalesce_events: u32,
+}
+
+impl Workers {
+    /// The reactor's coalescing setting, if any.
+    pub fn coalesce(&self) -> Option<Coalesce> {
+        self.coalesce.map(|delay| Coalesce {
+            events: self.coalesce_events,
+            delay,
+        })
+    }
 }
 
 /// Where billing records go.
@@ -369,6 +389,54 @@ pub fn parse_busy_poll(key: &str, v: &str) -> Result<BusyPoll, ConfigError> {
             )),
             d => Ok(BusyPoll::Always(d)),
         },
+    }
+}
+
+/// Parses a coalescing delay (`workers.coalesce`, `--coalesce`): `"off"`, a zero duration
+/// (also off), or a whole number of microseconds up to 1 ms. `key` names the setting.
+pub fn parse_coalesce(key: &str, v: &str) -> Result<Option<Duration>, ConfigError> {
+    if v.trim() == "off" {
+        return Ok(None);
+    }
+    let d = humantime::parse_duration(v.trim()).map_err(|e| {
+        ConfigError::new(
+            key,
+            format!("{v:?} is neither \"off\" nor a duration ({e}); write e.g. \"50us\""),
+        )
+    })?;
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d > MAX_COALESCE {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{v:?} is longer than {MAX_COALESCE:?}: a message may wait this long for a \
+                 worker to wake; use e.g. \"50us\" or \"off\""
+            ),
+        ));
+    }
+    if d.subsec_nanos() % 1000 != 0 {
+        return Err(ConfigError::new(
+            key,
+            format!("{v:?} is not a whole number of microseconds (the kernel's unit)"),
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// Checks `workers.coalesce_events` (`--coalesce-events`): 2 up to [`MAX_COALESCE_EVENTS`].
+pub fn check_coalesce_events(key: &str, n: u32) -> Result<u32, ConfigError> {
+    if (2..=MAX_COALESCE_EVENTS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!(
+                "{n} is outside 2..={MAX_COALESCE_EVENTS}: a worker is woken once this many \
+                 completions are ready (1 would be no coalescing; use coalesce = \"off\")"
+            ),
+        ))
     }
 }
 
@@ -613,6 +681,11 @@ impl Config {
             },
             pin: raw.workers.pin,
             busy_poll: parse_busy_poll("workers.busy_poll", &raw.workers.busy_poll)?,
+            coalesce: parse_coalesce("workers.coalesce", &raw.workers.coalesce)?,
+            coalesce_events: check_coalesce_events(
+                "workers.coalesce_events",
+                raw.workers.coalesce_events,
+            )?,
         };
         if raw.listeners.is_empty() {
             return Err(ConfigError::new(

@@ -52,6 +52,8 @@ pub struct RawWorkers {
     pub count: Count,
     pub pin: bool,
     pub busy_poll: String,
+    pub coalesce: String,
+    pub coalesce_events: u32,
 }
 
 impl Default for RawWorkers {
@@ -60,6 +62,8 @@ impl Default for RawWorkers {
             count: Count::Auto("auto".into()),
             pin: true,
             busy_poll: "off".into(),
+            coalesce: "off".into(),
+            coalesce_events: 16,
         }
     }
 }

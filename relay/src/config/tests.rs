@@ -54,6 +54,23 @@ fn parses_a_full_config() {
         );
         assert_eq!(spin.unwrap().workers.busy_poll, want, "busy_poll = {v:?}");
     }
+    assert_eq!(c.workers.coalesce(), None, "coalesce is off unless set");
+    assert_eq!(c.workers.coalesce_events, 16);
+    for (v, want) in [
+        ("50us", Some(Duration::from_micros(50))),
+        ("1ms", Some(Duration::from_millis(1))),
+        ("off", None),
+        ("0us", None),
+    ] {
+        let w = Config::from_toml(&GOOD.replace(
+            "pin = false",
+            &format!("pin = false\ncoalesce = \"{v}\"\ncoalesce_events = 32"),
+        ))
+        .unwrap()
+        .workers;
+        let want = want.map(|delay| Coalesce { events: 32, delay });
+        assert_eq!(w.coalesce(), want, "coalesce = {v:?}");
+    }
     assert_eq!(c.timeouts.handshake, Duration::from_secs(5));
     assert_eq!(c.timeouts.origin_connect, Duration::from_secs(5));
     assert_eq!(c.limits.max_head_bytes, 8192);
@@ -137,6 +154,33 @@ fn errors_name_the_key() {
         e.starts_with("workers.busy_poll:") && e.contains("longer than 1ms"),
         "{e}"
     );
+
+    for (line, key, says) in [
+        ("coalesce = \"2ms\"", "workers.coalesce:", "longer than 1ms"),
+        (
+            "coalesce = \"soon\"",
+            "workers.coalesce:",
+            "neither \"off\" nor a duration",
+        ),
+        (
+            "coalesce = \"10500ns\"",
+            "workers.coalesce:",
+            "whole number of microseconds",
+        ),
+        (
+            "coalesce_events = 1",
+            "workers.coalesce_events:",
+            "outside 2..=4096",
+        ),
+        (
+            "coalesce_events = 5000",
+            "workers.coalesce_events:",
+            "outside 2..=4096",
+        ),
+    ] {
+        let e = err(&GOOD.replace("pin = false", &format!("pin = false\n{line}")));
+        assert!(e.starts_with(key) && e.contains(says), "{line}: {e}");
+    }
 
     let e = err(&GOOD.replace("data_path = \"copy\"", "data_path = \"zero\""));
     assert!(e.starts_with("data_path:"), "{e}");

@@ -511,6 +511,13 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     );
     per_worker(
         &mut o,
+        "relay_ring_waits_total",
+        "counter",
+        "Times a worker entered the kernel to wait for completions; completions per wait rise with workers.coalesce.",
+        &|c| c.waits,
+    );
+    per_worker(
+        &mut o,
         "relay_busy_poll_hits_total",
         "counter",
         "Waits that workers.busy_poll answered by spinning (a completion came before the worker slept).",

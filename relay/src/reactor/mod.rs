@@ -102,6 +102,21 @@ pub struct RingStats {
     pub busy_poll_hits: u64,
     /// Spins that ran their whole budget and then slept anyway (CPU spent on nothing).
     pub busy_poll_misses: u64,
+    /// Enters that waited for completions (the ring was empty when the worker paused).
+    /// Completions per wait is the batch a wake-up delivers; `workers.coalesce` raises it.
+    pub waits: u64,
+}
+
+/// Wake-up coalescing (`workers.coalesce`): a worker that goes to sleep is woken when
+/// `events` completions are ready, or `delay` after it went to sleep if at least one is;
+/// with none by then it wakes on the first (io_uring's minimum wait timeout, Linux 6.12+).
+/// On a deferred-taskrun ring each socket wake-up below the count only queues work, so the
+/// CPU that sends into the relay stops paying for waking it on every segment. The price:
+/// a completion that arrives early in a pause waits up to `delay`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Coalesce {
+    pub events: u32,
+    pub delay: Duration,
 }
 
 /// What a worker does when its ring runs empty (`workers.busy_poll`).
@@ -204,6 +219,8 @@ pub struct Reactor {
     /// See [`Reactor::set_busy_poll`].
     busy_poll: BusyPoll,
     spin_gate: SpinGate,
+    /// See [`Reactor::set_coalesce`].
+    coalesce: Option<Coalesce>,
     /// The ring was set up with `IORING_SETUP_TASKRUN_FLAG` (what `busy_poll` needs).
     taskrun_flag: bool,
     /// Flags of the sleeping enter: `NO_IOWAIT` where the kernel has it (6.15+). Without
@@ -271,6 +288,7 @@ impl Reactor {
                         stats: RingStats::default(),
                         busy_poll: BusyPoll::Off,
                         spin_gate: SpinGate::default(),
+                        coalesce: None,
                         // The first attempt is the only one with the flag.
                         taskrun_flag: i == 0,
                         wait_flags,
@@ -562,6 +580,17 @@ impl Reactor {
         true
     }
 
+    /// Sets wake-up coalescing (see [`Coalesce`]); `None` wakes on the first completion.
+    /// Refuses (false) on a kernel without io_uring's minimum wait timeout, which keeps
+    /// waking on the first completion.
+    pub fn set_coalesce(&mut self, c: Option<Coalesce>) -> bool {
+        if c.is_some() && !self.ring.params().is_feature_min_timeout() {
+            return false;
+        }
+        self.coalesce = c;
+        true
+    }
+
     /// The spin this pause gets, if any.
     fn spin_budget(&mut self, timeout: Duration) -> Option<Duration> {
         let spin = match self.busy_poll {
@@ -589,11 +618,17 @@ impl Reactor {
             timeout -= spin;
         }
         let ts = types::Timespec::from(timeout);
-        let args = types::SubmitArgs::new().timespec(&ts);
+        let mut args = types::SubmitArgs::new().timespec(&ts);
+        let mut want = 1;
+        if let Some(c) = self.coalesce {
+            want = c.events as usize;
+            args = args.min_wait_usec(c.delay.as_micros().min(u32::MAX as u128) as u32);
+        }
+        self.stats.waits += 1;
         match self
             .ring
             .submitter()
-            .submit_with_args_and_flags(1, &args, self.wait_flags)
+            .submit_with_args_and_flags(want, &args, self.wait_flags)
         {
             Ok(n) => {
                 self.stats.submitted += n as u64;

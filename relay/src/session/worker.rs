@@ -232,6 +232,12 @@ pub fn run_worker(init: WorkerInit, ready: crossbeam_channel::Sender<Result<Stri
              deferred task running (Linux 6.1+); workers sleep when idle"
         );
     }
+    if !reactor.set_coalesce(cfg.workers.coalesce()) && init.id == 0 {
+        tracing::warn!(
+            "workers.coalesce ignored: this kernel's io_uring lacks the minimum wait timeout \
+             (Linux 6.12+); workers wake on the first completion"
+        );
+    }
     let parking = match Parking::new() {
         Ok(p) => p,
         Err(e) => {
@@ -383,6 +389,7 @@ impl Worker {
         c.cq_overflows = self.reactor.stats.cq_overflows;
         c.busy_poll_hits = self.reactor.stats.busy_poll_hits;
         c.busy_poll_misses = self.reactor.stats.busy_poll_misses;
+        c.waits = self.reactor.stats.waits;
         c.bufs_provided = self.reactor.bufs().provided() as u64;
         c.bufs_checked_out = self.reactor.bufs().checked_out() as u64;
         c.active = self.sessions.len() as u64;

@@ -1,0 +1,129 @@
+//! `workers.coalesce`: a sleeping worker is woken once `coalesce_events` completions are
+//! ready, or after the delay, instead of on the first. Messages still come back intact and
+//! in order; the batching shows in completions per wait (`relay_ring_completions_total` over
+//! `relay_ring_waits_total`), which stays near one completion per wake-up with it off (the
+//! default). `--coalesce` and `--coalesce-events` set the same knobs from the command line,
+//! with the same limits.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// One unpinned worker running relay's echo app (no origin: the client is the only peer).
+fn config(coalesce: &str, events: u32) -> String {
+    format!(
+        r#"
+[workers]
+count = 1
+pin = false
+coalesce = "{coalesce}"
+coalesce_events = {events}
+[[listener]]
+address = "{{LISTEN}}"
+[[route]]
+app = "echo"
+"#
+    )
+}
+
+/// 32 connections, each running its own ping-pong (one message in flight, 100 round
+/// trips): their messages reach the worker one by one, out of step, as a busy edge's do.
+/// Checks every echo; returns completions per wait over the run.
+async fn ping_pongs(relay: &Relay) -> f64 {
+    let c0 = relay.metric_sum("relay_ring_completions_total", &[]);
+    let w0 = relay.metric_sum("relay_ring_waits_total", &[]);
+    let mut tasks = Vec::new();
+    for conn in 0..32 {
+        let url = relay.url("/pingpong");
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            for round in 0..100 {
+                let m = format!("conn {conn} round {round}");
+                ws.send(Message::Text(m.clone())).await.unwrap();
+                let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                    .await
+                    .expect("an echo within 5 s")
+                    .expect("open")
+                    .expect("a message");
+                assert_eq!(got, Message::Text(m), "echo altered");
+            }
+            ws.close(None).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let completions = relay.metric_sum("relay_ring_completions_total", &[]) - c0;
+    let waits = relay.metric_sum("relay_ring_waits_total", &[]) - w0;
+    assert!(waits > 0.0, "the worker never waited");
+    completions / waits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_batches_wake_ups_and_off_does_not() {
+    let plain = Relay::with_config(&config("off", 16), &[]);
+    let per_wait_off = ping_pongs(&plain).await;
+
+    let held = Relay::with_config(&config("500us", 64), &[]);
+    let per_wait_on = ping_pongs(&held).await;
+    eprintln!("completions per wait: off {per_wait_off:.2}, coalesce 500us/64 {per_wait_on:.2}");
+    assert!(
+        per_wait_on > 2.0 * per_wait_off,
+        "coalescing did not batch: {per_wait_on:.2} completions per wait against \
+         {per_wait_off:.2} without"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesce_flags_override_the_config() {
+    // The flag wins over the file: "off" on the command line, 500us in the config.
+    let plain = Relay::with_config(&config("500us", 64), &["--coalesce", "off"]);
+    let per_wait_off = ping_pongs(&plain).await;
+    // And the other way round, with the count from the command line too.
+    let held = Relay::with_config(
+        &config("off", 16),
+        &["--coalesce", "500us", "--coalesce-events", "64"],
+    );
+    let per_wait_on = ping_pongs(&held).await;
+    assert!(
+        per_wait_on > 2.0 * per_wait_off,
+        "--coalesce: {per_wait_on:.2} completions per wait with 500us, {per_wait_off:.2} \
+         with off"
+    );
+}
+
+#[test]
+fn bad_coalesce_flags_stop_start_up_naming_the_flag() {
+    for (args, expect) in [
+        (
+            &["--coalesce", "2ms"][..],
+            "--coalesce: \"2ms\" is longer than 1ms",
+        ),
+        (
+            &["--coalesce", "soon"][..],
+            "--coalesce: \"soon\" is neither \"off\" nor a duration",
+        ),
+        (
+            &["--coalesce", "1500ns"][..],
+            "--coalesce: \"1500ns\" is not a whole number of microseconds",
+        ),
+        (
+            &["--coalesce-events", "1"][..],
+            "--coalesce-events: 1 is outside 2..=4096",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin", "off"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+}
