@@ -10,8 +10,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
 
 /// One unpinned worker with `busy_poll`, one listener, then `routes`.
 fn config_with(busy_poll: &str, routes: &str) -> String {
@@ -32,20 +30,6 @@ fn config(origin: std::net::SocketAddr, busy_poll: &str) -> String {
         busy_poll,
         &format!("[[pool]]\nname = \"o\"\norigins = [\"{origin}\"]\n[[route]]\nname = \"all\"\npool = \"o\"\n"),
     )
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Sends `m` and checks that it comes back within 5 s.
-async fn echo(ws: &mut Ws, m: String) {
-    ws.send(Message::Text(m.clone())).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .expect("an echo within 5 s")
-        .expect("open")
-        .expect("a message");
-    assert_eq!(got, Message::Text(m));
 }
 
 /// One message in flight on each of 4 connections, 100 round trips each.

@@ -7,11 +7,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
 
 /// One unpinned worker running relay's echo app (no origin: the client is the only peer).
 fn config(coalesce: &str, events: u32) -> String {
@@ -42,14 +38,7 @@ async fn ping_pongs(relay: &Relay) -> f64 {
         tasks.push(tokio::spawn(async move {
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
             for round in 0..100 {
-                let m = format!("conn {conn} round {round}");
-                ws.send(Message::Text(m.clone())).await.unwrap();
-                let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
-                    .await
-                    .expect("an echo within 5 s")
-                    .expect("open")
-                    .expect("a message");
-                assert_eq!(got, Message::Text(m), "echo altered");
+                echo(&mut ws, format!("conn {conn} round {round}")).await;
             }
             ws.close(None).await.unwrap();
         }));

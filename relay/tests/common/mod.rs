@@ -601,3 +601,18 @@ pub fn raw_echo_origin() -> SocketAddr {
     });
     addr
 }
+
+/// A client WebSocket as `connect_async` returns it.
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `m` and checks that it comes back within 5 s.
+pub async fn echo(ws: &mut Ws, m: String) {
+    ws.send(Message::Text(m.clone())).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an echo within 5 s")
+        .expect("open")
+        .expect("a message");
+    assert_eq!(got, Message::Text(m));
+}
