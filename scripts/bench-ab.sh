@@ -12,7 +12,8 @@
 #
 # Per run it prints msgs/s, RTT p99, the proxy's CPU-us per message (utime+stime over the
 # measured window), the proxy's context switches per message (all its threads), how busy
-# each CPU was (/proc/stat), and for relay its busy-poll hits and misses. At the end: the
+# each CPU was (/proc/stat), and for relay its busy-poll hits and misses and the completions
+# each wait returned (relay_ring_completions_total / relay_ring_waits_total). At the end: the
 # median of each cell and variant over the rounds. JSON lines in --out.
 #
 # --rx-cpu receiver runs them with RFS on lo (each process pays for its own sockets' receive
@@ -131,11 +132,13 @@ ctxsw() { # context switches of PID's threads
     cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'
 }
 
-# busy_poll_counts ADMIN_PORT: relay's busy-poll hits and misses so far, as JSON.
-busy_poll_counts() {
-    http_get "$1" /metrics | awk '/^relay_busy_poll_(hits|misses)_total/ {
-        n = $1; sub(/relay_busy_poll_/, "", n); sub(/_total.*/, "", n); s[n] += $2 }
-        END { printf "{\"hits\": %d, \"misses\": %d}", s["hits"], s["misses"] }'
+# ring_counts ADMIN_PORT: relay's busy-poll hits and misses, waits and completions so far,
+# as JSON (summed over workers).
+ring_counts() {
+    http_get "$1" /metrics | awk '/^relay_(busy_poll_hits|busy_poll_misses|ring_waits|ring_completions)_total/ {
+        n = $1; sub(/^relay_(busy_poll|ring)_/, "", n); sub(/_total.*/, "", n); s[n] += $2 }
+        END { printf "{\"hits\": %d, \"misses\": %d, \"waits\": %d, \"completions\": %d}",
+            s["hits"], s["misses"], s["waits"], s["completions"] }'
 }
 
 # run VARIANT INFLIGHT SIZE: one measured run; writes its JSON object to $WORK/run.json.
@@ -173,7 +176,7 @@ run() {
     mapfile -t pids < <(pid_tree "$(child_of "$tp")")
     timeout 60 nice -n "$BENCH_NICE" taskset -c 1 "$BENCH" load --target "127.0.0.1:$port" --connections "$CONNS" \
         --inflight "$k" --size "$s" --duration 1 --max-seconds 30 >/dev/null 2>&1
-    [ "${v%% *}" = relay ] && bp0=$(busy_poll_counts "$admin")
+    [ "${v%% *}" = relay ] && bp0=$(ring_counts "$admin")
     t0=$(proc_ticks "${pids[@]}")
     x0=0; for p in "${pids[@]}"; do x0=$((x0 + $(ctxsw "$p"))); done
     read -r c00 c01 <<<"$(cpu_jiffies cpu0)"
@@ -186,8 +189,9 @@ run() {
     read -r b0 n0 <<<"$(cpu_jiffies cpu0)"
     read -r b1 n1 <<<"$(cpu_jiffies cpu1)"
     if [ "${v%% *}" = relay ]; then
-        bp=$(jq -nc --argjson a "$bp0" --argjson b "$(busy_poll_counts "$admin")" \
-            '{hits: ($b.hits - $a.hits), misses: ($b.misses - $a.misses)}')
+        bp=$(jq -nc --argjson a "$bp0" --argjson b "$(ring_counts "$admin")" \
+            '{hits: ($b.hits - $a.hits), misses: ($b.misses - $a.misses),
+              completions_per_wait: (($b.completions - $a.completions) / ([$b.waits - $a.waits, 1] | max))}')
     fi
     stop_tpids "$tp"
     if ! jq -e '.messages > 0' "$WORK/load.json" >/dev/null 2>&1; then
@@ -209,7 +213,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             run "$v" "${c%x*}" "${c#*x}" || continue
             j=$(cat "$WORK/run.json")
             jq -c --argjson r "$r" '. + {round: $r}' <<<"$j" >>"$OUT"
-            jq -r --argjson r "$r" '"round \($r)  \(.cell)  \(.variant | .[0:28] | . + " " * (28 - length))  \(.msgs_per_s / 1000 | . * 10 | round / 10) k msgs/s  p99 \(.p99_us | round) us  \(.cpu_us_per_msg * 1000 | round / 1000) CPU-us/msg  \(.ctxsw_per_msg * 10000 | round / 10000) ctxsw/msg  CPU0 \(.cpu0_busy_pct) %  CPU1 \(.cpu1_busy_pct) %\(if .busy_poll then "  spins hit/missed \(.busy_poll.hits)/\(.busy_poll.misses)" else "" end)\(if .errors > 0 then "  ERRORS \(.errors)" else "" end)"' <<<"$j"
+            jq -r --argjson r "$r" '"round \($r)  \(.cell)  \(.variant | .[0:28] | . + " " * (28 - length))  \(.msgs_per_s / 1000 | . * 10 | round / 10) k msgs/s  p99 \(.p99_us | round) us  \(.cpu_us_per_msg * 1000 | round / 1000) CPU-us/msg  \(.ctxsw_per_msg * 10000 | round / 10000) ctxsw/msg  CPU0 \(.cpu0_busy_pct) %  CPU1 \(.cpu1_busy_pct) %\(if .busy_poll then "  spins hit/missed \(.busy_poll.hits)/\(.busy_poll.misses)  \(.busy_poll.completions_per_wait * 10 | round / 10) cqes/wait" else "" end)\(if .errors > 0 then "  ERRORS \(.errors)" else "" end)"' <<<"$j"
         done
     done
 done
