@@ -62,14 +62,19 @@ fn parses_a_full_config() {
         ("off", None),
         ("0us", None),
     ] {
-        let w = Config::from_toml(&GOOD.replace(
+        let c = Config::from_toml(&GOOD.replace(
             "pin = false",
             &format!("pin = false\ncoalesce = \"{v}\"\ncoalesce_events = 32"),
         ))
-        .unwrap()
-        .workers;
+        .unwrap();
         let want = want.map(|delay| Coalesce { events: 32, delay });
-        assert_eq!(w.coalesce(), want, "coalesce = {v:?}");
+        assert_eq!(c.workers.coalesce(), want, "coalesce = {v:?}");
+        // check-config prints it back in a form that resolves to the same setting.
+        assert_eq!(
+            Config::from_toml(&c.to_toml()).unwrap(),
+            c,
+            "coalesce = {v:?}"
+        );
     }
     assert_eq!(c.timeouts.handshake, Duration::from_secs(5));
     assert_eq!(c.timeouts.origin_connect, Duration::from_secs(5));
