@@ -132,13 +132,13 @@ ctxsw() { # context switches of PID's threads
     cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'
 }
 
-# ring_counts ADMIN_PORT: relay's busy-poll hits and misses, waits and completions so far,
-# as JSON (summed over workers).
+# ring_counts ADMIN_PORT: relay's busy-poll hits and misses, waits, coalesced waits and
+# completions so far, as JSON (summed over workers).
 ring_counts() {
-    http_get "$1" /metrics | awk '/^relay_(busy_poll_hits|busy_poll_misses|ring_waits|ring_completions)_total/ {
+    http_get "$1" /metrics | awk '/^relay_(busy_poll_hits|busy_poll_misses|ring_waits|ring_coalesced_waits|ring_completions)_total/ {
         n = $1; sub(/^relay_(busy_poll|ring)_/, "", n); sub(/_total.*/, "", n); s[n] += $2 }
-        END { printf "{\"hits\": %d, \"misses\": %d, \"waits\": %d, \"completions\": %d}",
-            s["hits"], s["misses"], s["waits"], s["completions"] }'
+        END { printf "{\"hits\": %d, \"misses\": %d, \"waits\": %d, \"coalesced\": %d, \"completions\": %d}",
+            s["hits"], s["misses"], s["waits"], s["coalesced_waits"], s["completions"] }'
 }
 
 # run VARIANT INFLIGHT SIZE: one measured run; writes its JSON object to $WORK/run.json.
@@ -191,6 +191,8 @@ run() {
     if [ "${v%% *}" = relay ]; then
         bp=$(jq -nc --argjson a "$bp0" --argjson b "$(ring_counts "$admin")" \
             '{hits: ($b.hits - $a.hits), misses: ($b.misses - $a.misses),
+              completions: ($b.completions - $a.completions), waits: ($b.waits - $a.waits),
+              coalesced_waits: ($b.coalesced - $a.coalesced),
               completions_per_wait: (($b.completions - $a.completions) / ([$b.waits - $a.waits, 1] | max))}')
     fi
     stop_tpids "$tp"
@@ -213,7 +215,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             run "$v" "${c%x*}" "${c#*x}" || continue
             j=$(cat "$WORK/run.json")
             jq -c --argjson r "$r" '. + {round: $r}' <<<"$j" >>"$OUT"
-            jq -r --argjson r "$r" '"round \($r)  \(.cell)  \(.variant | .[0:28] | . + " " * (28 - length))  \(.msgs_per_s / 1000 | . * 10 | round / 10) k msgs/s  p99 \(.p99_us | round) us  \(.cpu_us_per_msg * 1000 | round / 1000) CPU-us/msg  \(.ctxsw_per_msg * 10000 | round / 10000) ctxsw/msg  CPU0 \(.cpu0_busy_pct) %  CPU1 \(.cpu1_busy_pct) %\(if .busy_poll then "  spins hit/missed \(.busy_poll.hits)/\(.busy_poll.misses)  \(.busy_poll.completions_per_wait * 10 | round / 10) cqes/wait" else "" end)\(if .errors > 0 then "  ERRORS \(.errors)" else "" end)"' <<<"$j"
+            jq -r --argjson r "$r" '"round \($r)  \(.cell)  \(.variant | .[0:28] | . + " " * (28 - length))  \(.msgs_per_s / 1000 | . * 10 | round / 10) k msgs/s  p99 \(.p99_us | round) us  \(.cpu_us_per_msg * 1000 | round / 1000) CPU-us/msg  \(.ctxsw_per_msg * 10000 | round / 10000) ctxsw/msg  CPU0 \(.cpu0_busy_pct) %  CPU1 \(.cpu1_busy_pct) %\(if .busy_poll then "  spins hit/missed \(.busy_poll.hits)/\(.busy_poll.misses)  \(.busy_poll.completions_per_wait * 10 | round / 10) cqes/wait  \(.busy_poll.coalesced_waits * 100 / ([.busy_poll.waits, 1] | max) | round) % held" else "" end)\(if .errors > 0 then "  ERRORS \(.errors)" else "" end)"' <<<"$j"
         done
     done
 done

@@ -73,9 +73,10 @@ struct Cli {
     busy_poll: Option<String>,
 
     /// Hold a sleeping worker's wake-up until --coalesce-events completions are ready or
-    /// this long has passed: "off" or a duration up to 1ms (e.g. "50us"); overrides the
-    /// config's workers.coalesce.
-    #[arg(long, value_name = "off|DURATION")]
+    /// a delay has passed: "off", "auto" (50us while the completion rate says more will
+    /// come meanwhile) or a duration held on every sleep, up to 1ms (e.g. "50us");
+    /// overrides the config's workers.coalesce.
+    #[arg(long, value_name = "auto|off|DURATION")]
     coalesce: Option<String>,
 
     /// Completions that end a coalesced wait at once (2 to 4096); overrides the config's

@@ -1,9 +1,9 @@
 //! `workers.coalesce`: a sleeping worker is woken once `coalesce_events` completions are
 //! ready, or after the delay, instead of on the first. Messages still come back intact and
 //! in order; the batching shows in completions per wait (`relay_ring_completions_total` over
-//! `relay_ring_waits_total`), which stays near one completion per wake-up with it off (the
-//! default). `--coalesce` and `--coalesce-events` set the same knobs from the command line,
-//! with the same limits.
+//! `relay_ring_waits_total`), several times what it is with coalescing off (the default). `"auto"` holds only while completions come on their own (many connections),
+//! not for one connection waiting on each answer. `--coalesce` and `--coalesce-events` set
+//! the same knobs from the command line, with the same limits.
 
 mod common;
 
@@ -67,6 +67,52 @@ async fn coalescing_batches_wake_ups_and_off_does_not() {
     );
 }
 
+/// The worker's waits so far that held their wake-up, and all its waits.
+fn held_share(relay: &Relay) -> (f64, f64) {
+    (
+        relay.metric_sum("relay_ring_coalesced_waits_total", &[]),
+        relay.metric_sum("relay_ring_waits_total", &[]),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_holds_wake_ups_only_while_completions_come_on_their_own() {
+    let auto = Relay::with_config(&config("auto", 16), &[]);
+
+    // One connection, one message in flight: each completion waits on the answer to the
+    // one before, so a hold would gather nothing; the gate stays shut.
+    let (h0, w0) = held_share(&auto);
+    let (mut ws, _) = tokio_tungstenite::connect_async(auto.url("/lone"))
+        .await
+        .unwrap();
+    for round in 0..400 {
+        echo(&mut ws, format!("lone {round}")).await;
+    }
+    ws.close(None).await.unwrap();
+    let (h1, w1) = held_share(&auto);
+    let lone = (h1 - h0) / (w1 - w0);
+    assert!(
+        lone < 0.05,
+        "auto held {:.0} % of a lone ping-pong's waits",
+        lone * 100.0
+    );
+
+    // 32 connections out of step: completions come on their own, the gate opens.
+    let per_wait = ping_pongs(&auto).await;
+    let (h2, w2) = held_share(&auto);
+    let busy = (h2 - h1) / (w2 - w1);
+    eprintln!(
+        "auto: lone {:.1} % held; 32 ping-pongs {:.1} % held, {per_wait:.1} completions per wait",
+        lone * 100.0,
+        busy * 100.0
+    );
+    assert!(
+        busy > 0.2,
+        "auto held only {:.0} % of the waits of 32 concurrent ping-pongs",
+        busy * 100.0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesce_flags_override_the_config() {
     // The flag wins over the file: "off" on the command line, 500us in the config.
@@ -94,7 +140,7 @@ fn bad_coalesce_flags_stop_start_up_naming_the_flag() {
         ),
         (
             &["--coalesce", "soon"][..],
-            "--coalesce: \"soon\" is neither \"off\" nor a duration",
+            "--coalesce: \"soon\" is neither \"auto\", \"off\" nor a duration",
         ),
         (
             &["--coalesce", "1500ns"][..],

@@ -29,6 +29,9 @@ const MAX_BUSY_POLL: Duration = Duration::from_millis(1);
 pub const AUTO_BUSY_POLL: Duration = Duration::from_micros(20);
 /// Longest `workers.coalesce` accepted: it is added to a message's latency at worst.
 const MAX_COALESCE: Duration = Duration::from_millis(1);
+/// The delay of `workers.coalesce = "auto"`: the one measured on the 2-vCPU EPYC guest
+/// (docs/benchmarks.md, 2026-12-07), where it beat 20 µs on CPU per message.
+pub const AUTO_COALESCE: Duration = Duration::from_micros(50);
 /// Most completions `workers.coalesce_events` may wait for (a quarter of the CQ ring).
 pub const MAX_COALESCE_EVENTS: u32 = 4096;
 
@@ -270,20 +273,38 @@ pub struct Workers {
     /// wake-up latency of an idle CPU (a halted vCPU in a VM).
     #[serde(serialize_with = "ser_busy_poll")]
     pub busy_poll: BusyPoll,
-    /// Hold a sleeping worker's wake-up until `coalesce_events` completions are ready or
-    /// this long has passed ("off": wake on the first). Trades up to this much latency for
-    /// fewer wake-ups, which the CPU sending into the relay pays for.
-    #[serde(serialize_with = "ser_opt_duration")]
-    pub coalesce: Option<Duration>,
+    /// Hold a sleeping worker's wake-up until `coalesce_events` completions are ready or a
+    /// delay has passed: never ("off": wake on the first), on every sleep (a duration), or
+    /// ("auto") for 50 µs while the completion rate says others will come meanwhile. Trades
+    /// up to the delay in latency for fewer wake-ups, which the CPU sending into the relay
+    /// pays for.
+    #[serde(serialize_with = "ser_coalesce")]
+    pub coalesce: CoalesceMode,
     pub coalesce_events: u32,
+}
+
+/// `workers.coalesce` as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoalesceMode {
+    Off,
+    /// Hold for [`AUTO_COALESCE`] while the reactor's gate is open.
+    Auto,
+    /// Hold for this long on every sleep.
+    Always(Duration),
 }
 
 impl Workers {
     /// The reactor's coalescing setting, if any.
     pub fn coalesce(&self) -> Option<Coalesce> {
-        self.coalesce.map(|delay| Coalesce {
+        let (delay, adaptive) = match self.coalesce {
+            CoalesceMode::Off => return None,
+            CoalesceMode::Auto => (AUTO_COALESCE, true),
+            CoalesceMode::Always(d) => (d, false),
+        };
+        Some(Coalesce {
             events: self.coalesce_events,
             delay,
+            adaptive,
         })
     }
 }
@@ -342,6 +363,14 @@ fn ser_busy_poll<S: serde::Serializer>(b: &BusyPoll, s: S) -> Result<S::Ok, S::E
     }
 }
 
+fn ser_coalesce<S: serde::Serializer>(c: &CoalesceMode, s: S) -> Result<S::Ok, S::Error> {
+    match c {
+        CoalesceMode::Off => s.serialize_str("off"),
+        CoalesceMode::Auto => s.serialize_str("auto"),
+        CoalesceMode::Always(d) => ser_duration(d, s),
+    }
+}
+
 fn ser_auto<S: serde::Serializer, T: Serialize>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
     match v {
         Some(n) => n.serialize(s),
@@ -392,20 +421,26 @@ pub fn parse_busy_poll(key: &str, v: &str) -> Result<BusyPoll, ConfigError> {
     }
 }
 
-/// Parses a coalescing delay (`workers.coalesce`, `--coalesce`): `"off"`, a zero duration
-/// (also off), or a whole number of microseconds up to 1 ms. `key` names the setting.
-pub fn parse_coalesce(key: &str, v: &str) -> Result<Option<Duration>, ConfigError> {
-    if v.trim() == "off" {
-        return Ok(None);
+/// Parses a coalescing setting (`workers.coalesce`, `--coalesce`): `"off"`, `"auto"`, a zero
+/// duration (also off), or a whole number of microseconds up to 1 ms held on every sleep.
+/// `key` names the setting.
+pub fn parse_coalesce(key: &str, v: &str) -> Result<CoalesceMode, ConfigError> {
+    match v.trim() {
+        "off" => return Ok(CoalesceMode::Off),
+        "auto" => return Ok(CoalesceMode::Auto),
+        _ => {}
     }
     let d = humantime::parse_duration(v.trim()).map_err(|e| {
         ConfigError::new(
             key,
-            format!("{v:?} is neither \"off\" nor a duration ({e}); write e.g. \"50us\""),
+            format!(
+                "{v:?} is neither \"auto\", \"off\" nor a duration ({e}); write e.g. \
+                 \"auto\" or \"50us\""
+            ),
         )
     })?;
     if d.is_zero() {
-        return Ok(None);
+        return Ok(CoalesceMode::Off);
     }
     if d > MAX_COALESCE {
         return Err(ConfigError::new(
@@ -422,7 +457,7 @@ pub fn parse_coalesce(key: &str, v: &str) -> Result<Option<Duration>, ConfigErro
             format!("{v:?} is not a whole number of microseconds (the kernel's unit)"),
         ));
     }
-    Ok(Some(d))
+    Ok(CoalesceMode::Always(d))
 }
 
 /// Checks `workers.coalesce_events` (`--coalesce-events`): 2 up to [`MAX_COALESCE_EVENTS`].

@@ -57,8 +57,9 @@ fn parses_a_full_config() {
     assert_eq!(c.workers.coalesce(), None, "coalesce is off unless set");
     assert_eq!(c.workers.coalesce_events, 16);
     for (v, want) in [
-        ("50us", Some(Duration::from_micros(50))),
-        ("1ms", Some(Duration::from_millis(1))),
+        ("50us", Some((Duration::from_micros(50), false))),
+        ("1ms", Some((Duration::from_millis(1), false))),
+        ("auto", Some((AUTO_COALESCE, true))),
         ("off", None),
         ("0us", None),
     ] {
@@ -67,7 +68,11 @@ fn parses_a_full_config() {
             &format!("pin = false\ncoalesce = \"{v}\"\ncoalesce_events = 32"),
         ))
         .unwrap();
-        let want = want.map(|delay| Coalesce { events: 32, delay });
+        let want = want.map(|(delay, adaptive)| Coalesce {
+            events: 32,
+            delay,
+            adaptive,
+        });
         assert_eq!(c.workers.coalesce(), want, "coalesce = {v:?}");
         // check-config prints it back in a form that resolves to the same setting.
         assert_eq!(
@@ -165,7 +170,7 @@ fn errors_name_the_key() {
         (
             "coalesce = \"soon\"",
             "workers.coalesce:",
-            "neither \"off\" nor a duration",
+            "neither \"auto\", \"off\" nor a duration",
         ),
         (
             "coalesce = \"10500ns\"",

@@ -518,6 +518,13 @@ pub fn prometheus(stats: &[Arc<WorkerStats>], cfg: &Config) -> String {
     );
     per_worker(
         &mut o,
+        "relay_ring_coalesced_waits_total",
+        "counter",
+        "Waits that held their wake-up for workers.coalesce_events completions or the delay (workers.coalesce).",
+        &|c| c.coalesced_waits,
+    );
+    per_worker(
+        &mut o,
         "relay_busy_poll_hits_total",
         "counter",
         "Waits that workers.busy_poll answered by spinning (a completion came before the worker slept).",

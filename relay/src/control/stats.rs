@@ -132,6 +132,8 @@ pub struct Counters {
     pub busy_poll_misses: u64,
     /// Enters that waited for completions; completions per wait is a wake-up's batch.
     pub waits: u64,
+    /// Of those, waits that coalesced their wake-up (`workers.coalesce`).
+    pub coalesced_waits: u64,
     pub bufs_provided: u64,
     pub bufs_checked_out: u64,
     pub splices: u64,
@@ -196,7 +198,7 @@ macro_rules! atomic_mirror {
 atomic_mirror!(
     accepted, active, upgraded, bytes_client_to_origin, bytes_origin_to_client, connection_ms,
     origin_connect_failures, accept_errors, enobufs, submitted, completed, cq_overflows,
-    busy_poll_hits, busy_poll_misses, waits, bufs_provided, bufs_checked_out, splices, parked, parks, app_messages_in, app_frames_out, ws_close_1002,
+    busy_poll_hits, busy_poll_misses, waits, coalesced_waits, bufs_provided, bufs_checked_out, splices, parked, parks, app_messages_in, app_frames_out, ws_close_1002,
     ws_close_1007, ws_close_1009, room_dropped, room_slow_closed, pings_sent, pong_timeouts,
     tls_full, tls_resumed, tls_fail_plain_http, tls_fail_timeout, tls_fail_protocol,
     tls_fail_closed, origin_tls_failures;

@@ -105,6 +105,8 @@ pub struct RingStats {
     /// Enters that waited for completions (the ring was empty when the worker paused).
     /// Completions per wait is the batch a wake-up delivers; `workers.coalesce` raises it.
     pub waits: u64,
+    /// Of those, the waits that coalesced their wake-up (`workers.coalesce`).
+    pub coalesced_waits: u64,
 }
 
 /// Wake-up coalescing (`workers.coalesce`): a worker that goes to sleep is woken when
@@ -117,6 +119,49 @@ pub struct RingStats {
 pub struct Coalesce {
     pub events: u32,
     pub delay: Duration,
+    /// Hold wake-ups only while the recent completion rate says others will come during
+    /// the delay (see [`CoalesceGate`]); otherwise on every sleep.
+    pub adaptive: bool,
+}
+
+/// The gate of adaptive coalescing. Holding a wake-up pays only when completions arrive
+/// meanwhile on their own (many independent connections); a worker whose next completion
+/// waits on its own answer (one connection, one message in flight) only loses the delay.
+/// The gate measures the completion rate over windows of at least [`CoalesceGate::WINDOW`]
+/// and is open while one delay's worth of that rate reaches `events /`
+/// [`CoalesceGate::OPEN_DIVISOR`]; once open it shuts only below half of that. An idle
+/// worker's long sleeps make windows with a low rate, so it starts shut.
+#[derive(Clone, Copy, Debug, Default)]
+struct CoalesceGate {
+    open: bool,
+    /// Start of the current window, and the completion count then.
+    since: Option<Instant>,
+    base: u64,
+}
+
+impl CoalesceGate {
+    const WINDOW: Duration = Duration::from_millis(2);
+    const OPEN_DIVISOR: u128 = 4;
+
+    /// Whether this sleep is coalesced; `completed` is the ring's completion count so far.
+    fn admit(&mut self, now: Instant, completed: u64, c: &Coalesce) -> bool {
+        let since = *self.since.get_or_insert(now);
+        let window = now.saturating_duration_since(since);
+        if window >= Self::WINDOW {
+            // Completions one delay gathers at this window's rate, against the bar, both
+            // multiplied by the window's length (integers, no division).
+            let per_delay = u128::from(completed - self.base) * c.delay.as_nanos();
+            let bar = u128::from(c.events) * window.as_nanos() / Self::OPEN_DIVISOR;
+            self.open = if self.open {
+                per_delay * 2 >= bar
+            } else {
+                per_delay >= bar
+            };
+            self.since = Some(now);
+            self.base = completed;
+        }
+        self.open
+    }
 }
 
 /// What a worker does when its ring runs empty (`workers.busy_poll`).
@@ -221,6 +266,7 @@ pub struct Reactor {
     spin_gate: SpinGate,
     /// See [`Reactor::set_coalesce`].
     coalesce: Option<Coalesce>,
+    coalesce_gate: CoalesceGate,
     /// The ring was set up with `IORING_SETUP_TASKRUN_FLAG` (what `busy_poll` needs).
     taskrun_flag: bool,
     /// Flags of the sleeping enter: `NO_IOWAIT` where the kernel has it (6.15+). Without
@@ -289,6 +335,7 @@ impl Reactor {
                         busy_poll: BusyPoll::Off,
                         spin_gate: SpinGate::default(),
                         coalesce: None,
+                        coalesce_gate: CoalesceGate::default(),
                         // The first attempt is the only one with the flag.
                         taskrun_flag: i == 0,
                         wait_flags,
@@ -588,6 +635,7 @@ impl Reactor {
             return false;
         }
         self.coalesce = c;
+        self.coalesce_gate = CoalesceGate::default();
         true
     }
 
@@ -621,8 +669,15 @@ impl Reactor {
         let mut args = types::SubmitArgs::new().timespec(&ts);
         let mut want = 1;
         if let Some(c) = self.coalesce {
-            want = c.events as usize;
-            args = args.min_wait_usec(c.delay.as_micros().min(u32::MAX as u128) as u32);
+            if !c.adaptive
+                || self
+                    .coalesce_gate
+                    .admit(Instant::now(), self.stats.completed, &c)
+            {
+                want = c.events as usize;
+                args = args.min_wait_usec(c.delay.as_micros().min(u32::MAX as u128) as u32);
+                self.stats.coalesced_waits += 1;
+            }
         }
         self.stats.waits += 1;
         match self

@@ -390,6 +390,7 @@ impl Worker {
         c.busy_poll_hits = self.reactor.stats.busy_poll_hits;
         c.busy_poll_misses = self.reactor.stats.busy_poll_misses;
         c.waits = self.reactor.stats.waits;
+        c.coalesced_waits = self.reactor.stats.coalesced_waits;
         c.bufs_provided = self.reactor.bufs().provided() as u64;
         c.bufs_checked_out = self.reactor.bufs().checked_out() as u64;
         c.active = self.sessions.len() as u64;
