@@ -392,72 +392,78 @@ pub fn parse_duration(key: &str, v: &str) -> Result<Duration, ConfigError> {
     })
 }
 
-/// Parses a busy-poll setting (`workers.busy_poll`, `--busy-poll`): `"auto"` (spin up to
-/// [`AUTO_BUSY_POLL`] while recent spins paid), `"off"`, a zero duration (also off), or a
-/// duration up to 1 ms spun on every pause. `key` names the setting in the error.
-pub fn parse_busy_poll(key: &str, v: &str) -> Result<BusyPoll, ConfigError> {
-    match v.trim() {
-        "auto" => Ok(BusyPoll::Adaptive(AUTO_BUSY_POLL)),
-        "off" => Ok(BusyPoll::Off),
-        t => match humantime::parse_duration(t).map_err(|e| {
-            ConfigError::new(
-                key,
-                format!(
-                    "{v:?} is neither \"auto\", \"off\" nor a duration ({e}); \
-                     write e.g. \"auto\" or \"20us\""
-                ),
-            )
-        })? {
-            d if d.is_zero() => Ok(BusyPoll::Off),
-            d if d > MAX_BUSY_POLL => Err(ConfigError::new(
-                key,
-                format!(
-                    "{v:?} is longer than {MAX_BUSY_POLL:?}: a worker spins this long \
-                     each time its ring runs empty; use e.g. \"auto\", \"50us\" or \"off\""
-                ),
-            )),
-            d => Ok(BusyPoll::Always(d)),
-        },
-    }
+/// A setting spelled `"auto"`, `"off"` or a duration (a zero duration is off).
+enum AutoOffDuration {
+    Off,
+    Auto,
+    For(Duration),
 }
 
-/// Parses a coalescing setting (`workers.coalesce`, `--coalesce`): `"off"`, `"auto"`, a zero
-/// duration (also off), or a whole number of microseconds up to 1 ms held on every sleep.
-/// `key` names the setting.
-pub fn parse_coalesce(key: &str, v: &str) -> Result<CoalesceMode, ConfigError> {
+/// Parses an [`AutoOffDuration`] no longer than `max`; `example` is a duration to suggest,
+/// `too_long` says what a longer one would cost. `key` names the setting in the error.
+fn parse_auto_off_duration(
+    key: &str,
+    v: &str,
+    max: Duration,
+    example: &str,
+    too_long: &str,
+) -> Result<AutoOffDuration, ConfigError> {
     match v.trim() {
-        "off" => return Ok(CoalesceMode::Off),
-        "auto" => return Ok(CoalesceMode::Auto),
+        "auto" => return Ok(AutoOffDuration::Auto),
+        "off" => return Ok(AutoOffDuration::Off),
         _ => {}
     }
     let d = humantime::parse_duration(v.trim()).map_err(|e| {
         ConfigError::new(
             key,
             format!(
-                "{v:?} is neither \"auto\", \"off\" nor a duration ({e}); write e.g. \
-                 \"auto\" or \"50us\""
+                "{v:?} is neither \"auto\", \"off\" nor a duration ({e}); \
+                 write e.g. \"auto\" or \"{example}\""
             ),
         )
     })?;
     if d.is_zero() {
-        return Ok(CoalesceMode::Off);
+        return Ok(AutoOffDuration::Off);
     }
-    if d > MAX_COALESCE {
+    if d > max {
         return Err(ConfigError::new(
             key,
-            format!(
-                "{v:?} is longer than {MAX_COALESCE:?}: a message may wait this long for a \
-                 worker to wake; use e.g. \"50us\" or \"off\""
-            ),
+            format!("{v:?} is longer than {max:?}: {too_long}"),
         ));
     }
-    if d.subsec_nanos() % 1000 != 0 {
-        return Err(ConfigError::new(
+    Ok(AutoOffDuration::For(d))
+}
+
+/// Parses a busy-poll setting (`workers.busy_poll`, `--busy-poll`): `"auto"` (spin up to
+/// [`AUTO_BUSY_POLL`] while recent spins paid), `"off"`, a zero duration (also off), or a
+/// duration up to 1 ms spun on every pause. `key` names the setting in the error.
+pub fn parse_busy_poll(key: &str, v: &str) -> Result<BusyPoll, ConfigError> {
+    let too_long = "a worker spins this long each time its ring runs empty; \
+                    use e.g. \"auto\", \"50us\" or \"off\"";
+    Ok(
+        match parse_auto_off_duration(key, v, MAX_BUSY_POLL, "20us", too_long)? {
+            AutoOffDuration::Off => BusyPoll::Off,
+            AutoOffDuration::Auto => BusyPoll::Adaptive(AUTO_BUSY_POLL),
+            AutoOffDuration::For(d) => BusyPoll::Always(d),
+        },
+    )
+}
+
+/// Parses a coalescing setting (`workers.coalesce`, `--coalesce`): `"off"`, `"auto"`, a zero
+/// duration (also off), or a whole number of microseconds up to 1 ms held on every sleep.
+/// `key` names the setting.
+pub fn parse_coalesce(key: &str, v: &str) -> Result<CoalesceMode, ConfigError> {
+    let too_long = "a message may wait this long for a worker to wake; \
+                    use e.g. \"50us\" or \"off\"";
+    match parse_auto_off_duration(key, v, MAX_COALESCE, "50us", too_long)? {
+        AutoOffDuration::Off => Ok(CoalesceMode::Off),
+        AutoOffDuration::Auto => Ok(CoalesceMode::Auto),
+        AutoOffDuration::For(d) if d.subsec_nanos() % 1000 != 0 => Err(ConfigError::new(
             key,
             format!("{v:?} is not a whole number of microseconds (the kernel's unit)"),
-        ));
+        )),
+        AutoOffDuration::For(d) => Ok(CoalesceMode::Always(d)),
     }
-    Ok(CoalesceMode::Always(d))
 }
 
 /// Checks `workers.coalesce_events` (`--coalesce-events`): 2 up to [`MAX_COALESCE_EVENTS`].
