@@ -318,6 +318,9 @@ pub fn run(a: LoadArgs) -> Result<Report> {
     let mut rss_open = None;
     let mut open_at_sample = 0i64;
     let mut main_phase_started = false;
+    // (when the hold began, messages then); then the messages at its end.
+    let mut hold_from = None::<(Instant, u64)>;
+    let mut hold_msgs = None::<(u64, f64)>;
     let mut last_print = Instant::now();
     let (mut prev_opened, mut prev_msgs) = (0u64, 0u64);
     loop {
@@ -327,6 +330,19 @@ pub fn run(a: LoadArgs) -> Result<Report> {
             open_at_sample = sh.open.load(Relaxed);
             sh.go_main.store(true, Relaxed);
             main_phase_started = true;
+            if a.mode == Mode::Hold {
+                // Markers a script can wait for to measure the hold alone (the proxy's CPU
+                // without the upgrades and the closes).
+                hold_from = Some((Instant::now(), sh.messages.load(Relaxed)));
+                eprintln!("load: holding");
+            }
+        }
+        if let (Some((from, m0)), None) = (hold_from, hold_msgs) {
+            if from.elapsed() >= a.hold || sh.stop.load(Relaxed) {
+                let secs = from.elapsed().as_secs_f64();
+                hold_msgs = Some((sh.messages.load(Relaxed) - m0, secs));
+                eprintln!("load: hold over");
+            }
         }
         if handles.iter().all(|h| h.is_finished()) {
             break;
@@ -434,6 +450,10 @@ pub fn run(a: LoadArgs) -> Result<Report> {
         } else {
             None
         },
+        hold_messages: hold_msgs.filter(|_| a.trickle.is_some()).map(|(m, _)| m),
+        hold_msgs_per_s: hold_msgs
+            .filter(|&(_, secs)| a.trickle.is_some() && secs > 0.0)
+            .map(|(m, secs)| round3(m as f64 / secs)),
         loader_rss_kib_start: rss_start,
         loader_rss_kib_open: rss_open,
         loader_rss_bytes_per_conn: match (rss_start, rss_open) {

@@ -70,6 +70,13 @@ pub struct Report {
     pub hold_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trickle_s: Option<f64>,
+    /// Hold mode with a trickle: echoes received between the lines "load: holding" and
+    /// "load: hold over" on stderr (all connections open, none closing yet), and their rate,
+    /// the open-loop rate without the ramp.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_messages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_msgs_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loader_rss_kib_start: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -132,6 +139,9 @@ impl Report {
                 ));
             }
             s.push_str(&format!("  (run {:.2} s)\n", self.duration_s));
+            if let (Some(m), Some(r)) = (self.hold_messages, self.hold_msgs_per_s) {
+                s.push_str(&format!("during the hold: {m} messages, {r:.0} msg/s\n"));
+            }
         }
         s.push_str(&format!(
             "messages: {}  bytes: {}  rate: {:.0} msg/s  ({:.2} MiB/s each way)\n",
