@@ -131,6 +131,11 @@ fn hold_with_trickle_and_source_range() {
     assert!(r.messages >= 40, "{r:?}");
     assert_eq!(r.verify_failures, 0);
     assert!(r.loader_rss_kib_open.is_some());
+    // The hold alone: 40 connections x one message per 200 ms = 200 msgs/s open loop.
+    let held = r.hold_messages.expect("hold_messages with a trickle");
+    assert!(held > 0 && held <= r.messages, "{r:?}");
+    let rate = r.hold_msgs_per_s.expect("hold_msgs_per_s with a trickle");
+    assert!((100.0..=300.0).contains(&rate), "hold rate {rate}: {r:?}");
 }
 
 fn raw_upgrade(addr: SocketAddr) -> TcpStream {
