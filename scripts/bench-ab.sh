@@ -196,6 +196,15 @@ sample_end() {
     fi
 }
 
+# measured_load SECONDS: the measured load run of run's cell against run's port.
+measured_load() {
+    local args=()
+    read -r -a args <<<"$(load_args "$cell" "$1")"
+    timeout $((DURATION + 60)) nice -n "$BENCH_NICE" taskset -c 1 "$BENCH" load --target "127.0.0.1:$port" \
+        --connections "$CONNS" "${args[@]}" --max-seconds $((DURATION + 30)) --json "$WORK/load.json" \
+        >/dev/null 2>"$WORK/load.err"
+}
+
 # run VARIANT CELL: one measured run; writes its JSON object to $WORK/run.json.
 run() {
     local v=$1 cell=$2 la=() tp p lp port admin extra=() pids=() t0 t1 x0 x1 c00 c01 c10 c11 b0 n0 b1 n1 w0 w1 bp0 bp=null
@@ -235,14 +244,11 @@ run() {
     if [[ $cell == o* ]]; then
         # Open loop: measure inside the hold, from the load generator's "holding" line, for
         # DURATION s (the hold lasts one more), so the upgrades and closes stay outside.
-        read -r -a la <<<"$(load_args "$cell" $((DURATION + 1)))"
-        timeout $((DURATION + 60)) nice -n "$BENCH_NICE" taskset -c 1 "$BENCH" load --target "127.0.0.1:$port" \
-            --connections "$CONNS" "${la[@]}" --max-seconds $((DURATION + 30)) --json "$WORK/load.json" \
-            >/dev/null 2>"$WORK/load.err" &
+        measured_load $((DURATION + 1)) &
         lp=$!
         if ! wait_for 30 grep -qs '^load: holding' "$WORK/load.err"; then
             warn "$v $cell: the load generator did not reach its hold: $(tail -2 "$WORK/load.err" | tr '\n' ' ')"
-            kill "$lp" 2>/dev/null
+            pkill -P "$lp" 2>/dev/null # the load's timeout(1), started by the subshell $lp
             wait "$lp"
             stop_tpids "$tp"
             return 1
@@ -253,10 +259,7 @@ run() {
         wait "$lp"
     else
         sample_begin
-        read -r -a la <<<"$(load_args "$cell")"
-        timeout $((DURATION + 60)) nice -n "$BENCH_NICE" taskset -c 1 "$BENCH" load --target "127.0.0.1:$port" \
-            --connections "$CONNS" "${la[@]}" --max-seconds $((DURATION + 30)) --json "$WORK/load.json" \
-            >/dev/null 2>"$WORK/load.err"
+        measured_load "$DURATION"
         sample_end
     fi
     stop_tpids "$tp"
