@@ -125,25 +125,31 @@ pub struct Coalesce {
 }
 
 /// The gate of adaptive coalescing. Holding a wake-up pays only when completions arrive
-/// meanwhile on their own (many independent connections); a worker whose next completion
-/// waits on its own answer (one connection, one message in flight) only loses the delay.
-/// The gate measures the completion rate over windows of at least [`CoalesceGate::WINDOW`]
-/// and is open while one delay's worth of that rate reaches `events /`
-/// [`CoalesceGate::OPEN_DIVISOR`]; once open it shuts only below half of that. An idle
-/// worker's long sleeps make windows with a low rate, so it starts shut.
+/// meanwhile on their own (many independent connections) and enough of them to batch; a
+/// worker whose next completion waits on its own answer (one connection, one message in
+/// flight), or whose completions come steadily but sparsely (an open-loop stream of a few
+/// messages per delay), only loses the delay. So two tests, both needed:
+/// - the rate: measured over windows of at least [`CoalesceGate::WINDOW`], open while one
+///   delay's worth of it reaches `events /` [`CoalesceGate::OPEN_DIVISOR`]; once open it
+///   shuts only below half of that. An idle worker's long sleeps make windows with a low
+///   rate, so it starts shut;
+/// - the fill: a [`TrialGate`] over the held waits, a hit when the wait came back with at
+///   least half of `events` ready. It starts shut too, so a worker whose rate passes holds
+///   one sleep in 16 until those holds show they fill.
 #[derive(Clone, Copy, Debug, Default)]
 struct CoalesceGate {
-    open: bool,
+    rate_open: bool,
     /// Start of the current window, and the completion count then.
     since: Option<Instant>,
     base: u64,
+    fill: TrialGate,
 }
 
 impl CoalesceGate {
     const WINDOW: Duration = Duration::from_millis(2);
     const OPEN_DIVISOR: u128 = 4;
 
-    /// Whether this sleep is coalesced; `completed` is the ring's completion count so far.
+    /// Whether this sleep is held; `completed` is the ring's completion count so far.
     fn admit(&mut self, now: Instant, completed: u64, c: &Coalesce) -> bool {
         let since = *self.since.get_or_insert(now);
         let window = now.saturating_duration_since(since);
@@ -152,7 +158,7 @@ impl CoalesceGate {
             // multiplied by the window's length (integers, no division).
             let per_delay = u128::from(completed - self.base) * c.delay.as_nanos();
             let bar = u128::from(c.events) * window.as_nanos() / Self::OPEN_DIVISOR;
-            self.open = if self.open {
+            self.rate_open = if self.rate_open {
                 per_delay * 2 >= bar
             } else {
                 per_delay >= bar
@@ -160,7 +166,12 @@ impl CoalesceGate {
             self.since = Some(now);
             self.base = completed;
         }
-        self.open
+        self.rate_open && self.fill.admit()
+    }
+
+    /// A held wait came back with `ready` completions.
+    fn held(&mut self, ready: usize, c: &Coalesce) {
+        self.fill.record(2 * ready >= c.events as usize);
     }
 }
 
@@ -172,28 +183,31 @@ pub enum BusyPoll {
     /// Poll the ring for up to this long on every pause, then sleep.
     Always(Duration),
     /// Poll for up to this long while recent pauses were short enough for a spin to end
-    /// them; sleep at once while they were not (see [`SpinGate`]).
+    /// them; sleep at once while they were not (see [`TrialGate`]).
     Adaptive(Duration),
 }
 
-/// The gate of [`BusyPoll::Adaptive`]: a moving average of how often a spin was answered.
-/// Only spins measure that exactly (a sleep's length includes the wake-up it would have
-/// saved), so while the gate is shut one pause in [`SpinGate::PROBE_EVERY`] spins anyway as
-/// a probe. An idle or trickling worker thus spins on one pause in 16, a busy one on
-/// nearly every pause.
+/// A gate that lets a trial through while recent trials paid off: a moving average of how
+/// often one did. The gate of [`BusyPoll::Adaptive`] (a trial is a spin; it pays off when a
+/// completion comes while spinning) and the fill test of [`CoalesceGate`] (a trial is a held
+/// wait; it pays off when the wait gathers half a batch). Only a trial measures that exactly
+/// (a plain sleep's length includes the wake-up a spin would have saved, a plain wait's
+/// count the completions a hold would have gathered), so while the gate is shut one chance
+/// in [`TrialGate::PROBE_EVERY`] is tried anyway as a probe. An idle or trickling worker thus
+/// tries on one pause in 16, a busy one on nearly every pause.
 #[derive(Clone, Copy, Debug, Default)]
-struct SpinGate {
-    /// Hit rate scaled to 0..=1024, an exponential average over about the last 8 spins.
+struct TrialGate {
+    /// Hit rate scaled to 0..=1024, an exponential average over about the last 8 trials.
     score: u16,
-    /// Pauses since the last spin while the gate was shut.
+    /// Chances since the last trial while the gate was shut.
     skipped: u8,
 }
 
-impl SpinGate {
+impl TrialGate {
     const OPEN_AT: u16 = 512;
     const PROBE_EVERY: u8 = 16;
 
-    /// Whether this pause spins.
+    /// Whether this chance is tried.
     fn admit(&mut self) -> bool {
         if self.score >= Self::OPEN_AT {
             return true;
@@ -263,7 +277,7 @@ pub struct Reactor {
     pub stats: RingStats,
     /// See [`Reactor::set_busy_poll`].
     busy_poll: BusyPoll,
-    spin_gate: SpinGate,
+    spin_gate: TrialGate,
     /// See [`Reactor::set_coalesce`].
     coalesce: Option<Coalesce>,
     coalesce_gate: CoalesceGate,
@@ -333,7 +347,7 @@ impl Reactor {
                         mode,
                         stats: RingStats::default(),
                         busy_poll: BusyPoll::Off,
-                        spin_gate: SpinGate::default(),
+                        spin_gate: TrialGate::default(),
                         coalesce: None,
                         coalesce_gate: CoalesceGate::default(),
                         // The first attempt is the only one with the flag.
@@ -623,7 +637,7 @@ impl Reactor {
             return false;
         }
         self.busy_poll = mode;
-        self.spin_gate = SpinGate::default();
+        self.spin_gate = TrialGate::default();
         true
     }
 
@@ -668,6 +682,7 @@ impl Reactor {
         let ts = types::Timespec::from(timeout);
         let mut args = types::SubmitArgs::new().timespec(&ts);
         let mut want = 1;
+        let mut gated = None;
         if let Some(c) = self.coalesce {
             if !c.adaptive
                 || self
@@ -677,14 +692,19 @@ impl Reactor {
                 want = c.events as usize;
                 args = args.min_wait_usec(c.delay.as_micros().min(u32::MAX as u128) as u32);
                 self.stats.coalesced_waits += 1;
+                gated = c.adaptive.then_some(c);
             }
         }
         self.stats.waits += 1;
-        match self
+        let r = self
             .ring
             .submitter()
-            .submit_with_args_and_flags(want, &args, self.wait_flags)
-        {
+            .submit_with_args_and_flags(want, &args, self.wait_flags);
+        if let Some(c) = gated {
+            let ready = self.ring.completion().len();
+            self.coalesce_gate.held(ready, &c);
+        }
+        match r {
             Ok(n) => {
                 self.stats.submitted += n as u64;
                 Ok(())
@@ -807,13 +827,13 @@ mod tests {
 
     #[test]
     fn spin_gate_opens_on_answered_spins_and_shuts_on_misses() {
-        let mut g = SpinGate::default();
+        let mut g = TrialGate::default();
         // Shut at first: only every 16th pause probes.
         let admitted = (0..64).filter(|_| g.admit()).count();
         assert_eq!(admitted, 4);
         // Answered probes open it; then every pause spins.
         let mut probes = 0;
-        while g.score < SpinGate::OPEN_AT {
+        while g.score < TrialGate::OPEN_AT {
             if g.admit() {
                 probes += 1;
                 g.record(true);
@@ -832,7 +852,7 @@ mod tests {
         }
         assert!(misses >= 2, "one miss shut an open gate");
         // Mostly misses with an occasional hit (one pause in 4 answered) keeps it shut.
-        let mut g = SpinGate::default();
+        let mut g = TrialGate::default();
         let mut spins = 0;
         for i in 0..16_000 {
             if g.admit() {
@@ -841,6 +861,63 @@ mod tests {
             }
         }
         assert!(spins <= 16_000 / 16 + 16, "{spins} spins in 16,000 pauses");
+    }
+
+    #[test]
+    fn coalesce_gate_needs_the_rate_and_holds_that_fill() {
+        let c = Coalesce {
+            events: 16,
+            delay: Duration::from_micros(50),
+            adaptive: true,
+        };
+        let t0 = Instant::now();
+        // 2 ms windows; 4 completions per 50 us is the bar, i.e. 160 per window.
+        let mut g = CoalesceGate::default();
+        let mut completed = 0;
+        let mut held = 0;
+        // Below the rate (100 per window): never held, probes included.
+        for i in 1..=400u32 {
+            completed += 1;
+            held += g.admit(t0 + Duration::from_micros(20 * i as u64), completed, &c) as u32;
+        }
+        assert_eq!(held, 0);
+        // Above it (1000 per window) with holds that fill: probes first, then every sleep.
+        let mut t = t0 + Duration::from_millis(8);
+        let mut sleeps = 0;
+        let mut first_held = 0;
+        while sleeps < 2000 {
+            sleeps += 1;
+            completed += 2;
+            t += Duration::from_micros(4);
+            if g.admit(t, completed, &c) {
+                g.held(20, &c);
+                if first_held == 0 {
+                    first_held = sleeps;
+                }
+                held += 1;
+            }
+        }
+        // The rate opens at the first window's end (500 sleeps), the first probe follows
+        // within 16, six filled probes open the fill test.
+        assert!(
+            (500..=525).contains(&first_held),
+            "first hold at sleep {first_held}"
+        );
+        assert!(held > 1350, "{held} of 2000 busy sleeps held");
+        // Same rate, holds that gather 4 of 16 (a sparse open-loop stream): it shuts and
+        // then holds only the probes.
+        let mut late = 0;
+        for i in 0..1600 {
+            completed += 2;
+            t += Duration::from_micros(4);
+            if g.admit(t, completed, &c) {
+                g.held(4, &c);
+                if i >= 800 {
+                    late += 1;
+                }
+            }
+        }
+        assert!(late <= 800 / 16 + 1, "{late} of 800 sparse sleeps held");
     }
 
     #[test]
