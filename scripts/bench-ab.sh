@@ -19,7 +19,8 @@
 #
 # Per run it prints msgs/s, RTT p50 and p99, the proxy's CPU-us per message (utime+stime over the
 # measured window), the proxy's context switches per message (all its threads), how busy
-# each CPU was (/proc/stat), and for relay its busy-poll hits and misses and the completions
+# each CPU was (/proc/stat; the hypervisor's steal is shown when a CPU had any: the run was
+# disturbed, its CPU figures include time the guest did not get), and for relay its busy-poll hits and misses and the completions
 # each wait returned (relay_ring_completions_total / relay_ring_waits_total). At the end: the
 # median of each cell and variant over the rounds. JSON lines in --out.
 #
@@ -179,6 +180,7 @@ sample_begin() {
     x0=0; for p in "${pids[@]}"; do x0=$((x0 + $(ctxsw "$p"))); done
     read -r c00 c01 <<<"$(cpu_jiffies cpu0)"
     read -r c10 c11 <<<"$(cpu_jiffies cpu1)"
+    s00=$(cpu_steal cpu0) s10=$(cpu_steal cpu1)
     w0=$(date +%s%N)
 }
 sample_end() {
@@ -187,6 +189,7 @@ sample_end() {
     x1=0; for p in "${pids[@]}"; do x1=$((x1 + $(ctxsw "$p"))); done
     read -r b0 n0 <<<"$(cpu_jiffies cpu0)"
     read -r b1 n1 <<<"$(cpu_jiffies cpu1)"
+    s01=$(cpu_steal cpu0) s11=$(cpu_steal cpu1)
     if [ "${v%% *}" = relay ]; then
         bp=$(jq -nc --argjson a "$bp0" --argjson b "$(ring_counts "$admin")" \
             '{hits: ($b.hits - $a.hits), misses: ($b.misses - $a.misses),
@@ -270,12 +273,15 @@ run() {
     jq -c --arg v "$v" --arg rx "$RX_CPU" --arg cell "$cell" --argjson ticks $((t1 - t0)) --argjson hz "$CLK_TCK" \
         --argjson cs $((x1 - x0)) --argjson busy0 "$(((b0 - c00) * 100 / (n0 - c01 > 0 ? n0 - c01 : 1)))" \
         --argjson busy1 "$(((b1 - c10) * 100 / (n1 - c11 > 0 ? n1 - c11 : 1)))" --argjson bp "$bp" \
+        --argjson steal0 "$(((s01 - s00) * 100 / (n0 - c01 > 0 ? n0 - c01 : 1)))" \
+        --argjson steal1 "$(((s11 - s10) * 100 / (n1 - c11 > 0 ? n1 - c11 : 1)))" \
         --argjson wall "$(awk -v a="$w0" -v b="$w1" 'BEGIN { printf "%.6f", (b - a) / 1e9 }')" \
         '(if .hold_msgs_per_s then .hold_msgs_per_s else .msgs_per_s end) as $rate
         | (if .hold_msgs_per_s then [$rate * $wall, 1] | max else .messages end) as $n
         | {cell: $cell, rx_cpu: $rx, variant: $v, msgs_per_s: $rate, p50_us: .rtt_us.p50, p99_us: .rtt_us.p99, errors: (.errors + .verify_failures + .connect_failures + .handshake_failures),
           cpu_us_per_msg: ($ticks * 1e6 / $hz / $n), ctxsw_per_msg: ($cs / $n),
-          cpu0_busy_pct: $busy0, cpu1_busy_pct: $busy1, busy_poll: $bp}' "$WORK/load.json" >"$WORK/run.json"
+          cpu0_busy_pct: $busy0, cpu1_busy_pct: $busy1, cpu0_steal_pct: $steal0, cpu1_steal_pct: $steal1,
+          busy_poll: $bp}' "$WORK/load.json" >"$WORK/run.json"
 }
 
 log "$ROUNDS rounds x ${#CELL_LIST[@]} cells x ${#VARIANTS[@]} variants, $DURATION s each, receive path on the $RX_CPU CPU; JSON lines in $OUT"
@@ -285,7 +291,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
             run "$v" "$c" || continue
             j=$(cat "$WORK/run.json")
             jq -c --argjson r "$r" '. + {round: $r}' <<<"$j" >>"$OUT"
-            jq -r --argjson r "$r" '"round \($r)  \(.cell)  \(.variant | .[0:28] | . + " " * (28 - length))  \(.msgs_per_s / 1000 | . * 10 | round / 10) k msgs/s  p50 \(.p50_us | round) p99 \(.p99_us | round) us  \(.cpu_us_per_msg * 1000 | round / 1000) CPU-us/msg  \(.ctxsw_per_msg * 10000 | round / 10000) ctxsw/msg  CPU0 \(.cpu0_busy_pct) %  CPU1 \(.cpu1_busy_pct) %\(if .busy_poll then "  spins hit/missed \(.busy_poll.hits)/\(.busy_poll.misses)  \(.busy_poll.completions_per_wait * 10 | round / 10) cqes/wait  \(.busy_poll.coalesced_waits * 100 / ([.busy_poll.waits, 1] | max) | round) % held" else "" end)\(if .errors > 0 then "  ERRORS \(.errors)" else "" end)"' <<<"$j"
+            jq -r --argjson r "$r" '"round \($r)  \(.cell)  \(.variant | .[0:28] | . + " " * (28 - length))  \(.msgs_per_s / 1000 | . * 10 | round / 10) k msgs/s  p50 \(.p50_us | round) p99 \(.p99_us | round) us  \(.cpu_us_per_msg * 1000 | round / 1000) CPU-us/msg  \(.ctxsw_per_msg * 10000 | round / 10000) ctxsw/msg  CPU0 \(.cpu0_busy_pct) %  CPU1 \(.cpu1_busy_pct) %\(if .busy_poll then "  spins hit/missed \(.busy_poll.hits)/\(.busy_poll.misses)  \(.busy_poll.completions_per_wait * 10 | round / 10) cqes/wait  \(.busy_poll.coalesced_waits * 100 / ([.busy_poll.waits, 1] | max) | round) % held" else "" end)\(if (.cpu0_steal_pct // 0) + (.cpu1_steal_pct // 0) > 0 then "  steal \(.cpu0_steal_pct)/\(.cpu1_steal_pct) %" else "" end)\(if .errors > 0 then "  ERRORS \(.errors)" else "" end)"' <<<"$j"
         done
     done
 done

@@ -159,6 +159,12 @@ cpu_jiffies() {
     awk -v c="$1" '$1 == c { busy = $2 + $3 + $4 + $7 + $8 + $9; tot = busy + $5 + $6; print busy, tot }' /proc/stat
 }
 
+# Steal jiffies of one CPU ("cpu0") or all ("cpu"): time the hypervisor gave to others
+# while this guest's CPU had work (counted as busy by cpu_jiffies).
+cpu_steal() {
+    awk -v c="$1" '$1 == c { print $9 }' /proc/stat
+}
+
 listeners_on() { ss -Hltn "( sport = :$1 )" 2>/dev/null | wc -l; }
 listeners_at_least() { [ "$(listeners_on "$1")" -ge "$2" ]; }
 has_children() { [ -n "$(pgrep -P "$1")" ]; }
