@@ -120,7 +120,7 @@ pub struct Coalesce {
     pub events: u32,
     pub delay: Duration,
     /// Hold wake-ups only while the recent completion rate says others will come during
-    /// the delay (see [`CoalesceGate`]); otherwise on every sleep.
+    /// the delay and recent holds filled (see [`CoalesceGate`]); otherwise on every sleep.
     pub adaptive: bool,
 }
 
