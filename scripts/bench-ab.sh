@@ -20,9 +20,10 @@
 # Per run it prints msgs/s, RTT p50 and p99, the proxy's CPU-us per message (utime+stime over the
 # measured window), the proxy's context switches per message (all its threads), how busy
 # each CPU was (/proc/stat; the hypervisor's steal is shown when a CPU had any: the run was
-# disturbed, its CPU figures include time the guest did not get), and for relay its busy-poll hits and misses and the completions
-# each wait returned (relay_ring_completions_total / relay_ring_waits_total). At the end: the
-# median of each cell and variant over the rounds. JSON lines in --out.
+# disturbed, its CPU figures include time the guest did not get), and for relay its
+# busy-poll hits and misses and the completions each wait returned
+# (relay_ring_completions_total / relay_ring_waits_total). At the end: the median of each
+# cell and variant over the rounds. JSON lines in --out.
 #
 # --rx-cpu receiver runs them with RFS on lo (each process pays for its own sockets' receive
 # path; see scripts/bench-compare.sh); the machine's settings are restored at exit.

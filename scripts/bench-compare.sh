@@ -482,7 +482,7 @@ run_tput() {
     q0=$(proc_runq_wait_ns "${PEER_PIDS[@]}")
     o0=$(proc_ticks "${ORIGIN_PIDS[@]}")
     read -r b00 t00 < <(cpu_jiffies cpu1)
-    read -r a00 n00 < <(cpu_jiffies cpu0)
+    read -r _ n00 < <(cpu_jiffies cpu0)
     local st00 st10 st01 st11
     st00=$(cpu_steal cpu0) st10=$(cpu_steal cpu1)
     w0=$(date +%s.%N)
@@ -501,7 +501,7 @@ run_tput() {
     forget_tpid "$ltpid"
     w1=$(date +%s.%N)
     read -r b01 t01 < <(cpu_jiffies cpu1)
-    read -r a01 n01 < <(cpu_jiffies cpu0)
+    read -r _ n01 < <(cpu_jiffies cpu0)
     st01=$(cpu_steal cpu0) st11=$(cpu_steal cpu1)
     tk1=$(proc_ticks "${PEER_PIDS[@]}")
     q1=$(proc_runq_wait_ns "${PEER_PIDS[@]}")
