@@ -92,7 +92,8 @@ usage: scripts/bench-compare.sh [options]
   --connections N       connections in throughput cells (default 50)
   --inflight LIST       messages in flight per connection (default 1,16)
   --sizes LIST          message sizes in bytes (default 32,4096)
-  --repeat R            runs per throughput cell and peer; the median (by msgs/s) is reported (default 1)
+  --repeat R            runs per throughput cell and peer; reported: the median run (by
+                        msgs/s) and each figure's own median (default 1)
   --warmup S            throughput warm-up before each measured run (default 1; 0 = none)
   --hold S              idle: seconds each load process holds after its ramp (default 20)
   --settle S            before the first throughput cell, S s of unmeasured direct load

@@ -33,6 +33,9 @@ def median: sort | if length == 0 then null elif length % 2 == 1 then .[length /
 def pairs($a; $b): [range(0; [($a | length), ($b | length)] | min) | select($a[.] != null and $b[.] != null and $a[.] > 0 and $b[.] > 0) | [$a[.], $b[.]]];
 def won($p; $better): ($p | map(select(if $better == "higher" then .[0] > .[1] else .[0] < .[1] end)) | length | tostring) + " of " + ($p | length | tostring);
 def pratio($p): if ($p | length) == 0 then "–" else ($p | map(.[1] / .[0]) | median | fixed(2)) + "×" end;
+# The median of one figure over a cell's runs, each figure on its own (the main table shows
+# the run that was the median by msgs/s, whose p99 or CPU may be that run's outlier).
+def runs_median($k): (.[$k] // []) | map(select(. != null and . > 0)) | median;
 def good: .ok == true or (.msgs_per_s // 0) > 0 or (.held // 0) > 0;
 # Where loopback ran the receive path (bench-compare.sh --rx-cpu); runs before the option: sender.
 def rx: .rx_cpu // "sender";
@@ -70,6 +73,16 @@ def rxtitle:
         | pairs($rl.runs_cpu_us_per_msg; .runs_cpu_us_per_msg // []) as $u
         | pairs($rl.runs_p99_us; .runs_p99_us // []) as $l
         | "| \($c) | \(.peer) | \(won($m; "higher")) | \(won($u; "lower")) | \(won($l; "lower")) | \(pratio($m)) | \(pratio($u)) | \(pratio($l)) |"),
+      "",
+      "Each figure's own median over the runs (above: the run that was the median by msgs/s).\n",
+      "| cell | peer | median msgs/s | ×relay | median CPU-µs/msg | ×relay | median p99 µs | ×relay |",
+      "|---|---|--:|--:|--:|--:|--:|--:|",
+      ($tcells[] as $c | ($all | map(select(.kind == "throughput" and .cell == $c and rx == $mode and .peer == "relay" and good)) | first) as $rl
+        | select($rl != null)
+        | ($rl | runs_median("runs_msgs_per_s")) as $rm | ($rl | runs_median("runs_cpu_us_per_msg")) as $ru | ($rl | runs_median("runs_p99_us")) as $rp
+        | $all[] | select(.kind == "throughput" and .cell == $c and rx == $mode and good)
+        | runs_median("runs_msgs_per_s") as $m | runs_median("runs_cpu_us_per_msg") as $u | runs_median("runs_p99_us") as $p
+        | "| \($c) | \(.peer) | \($m | si) | \(ratio($m; $rm)) | \($u | if . == null then "–" else fixed(3) end) | \(ratio($u; $ru)) | \($p | us) | \(ratio($p; $rp)) |"),
       ""
     else empty end)
   )),
