@@ -24,7 +24,8 @@ def note:
     (if .peer == "direct" and (.other_cpu1_pct // 0) > 5 then "other work on CPU 1: \(.other_cpu1_pct)% of the run" else empty end),
     (if .kernel_disturbed == true then "other processes opened/closed sockets during the cell (\(.tcp_sockets_per_conn) TCP sockets per connection): kernel figure unreliable" else empty end),
     (if (.runs_failed // 0) > 0 then "\(.runs_failed) of \(.runs_msgs_per_s | length) runs failed" else empty end),
-    (if (.runs_msgs_per_s // [] | length) > 1 then "runs: " + (.runs_msgs_per_s | map(si) | join(", ")) else empty end)
+    (if (.runs_msgs_per_s // [] | length) > 1 then "runs: " + (.runs_msgs_per_s | map(si) | join(", ")) else empty end),
+    (if (.runs_connect_rate_per_s // [] | length) > 1 then "runs: " + (.runs_connect_rate_per_s | map(si) | join(", ")) + " conn/s" else empty end)
   ] | join("; ") | gsub("\\|"; "/") | gsub("\n"; " ");
 def median: sort | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor] else (.[length / 2 - 1] + .[length / 2]) / 2 end;
 # Round i of a cell ran every peer once, back to back, so round-i figures of two peers saw the
