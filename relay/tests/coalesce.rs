@@ -9,6 +9,12 @@ mod common;
 
 use common::*;
 
+/// The tests that count the worker's waits run one at a time. What they count depends on
+/// the load keeping up: `auto` opens only while completions come on their own, and beside
+/// two other tests' relays and 32-connection loads on the same two CPUs the clients are
+/// starved and its holds do not fill (seen in CI: 1–11 % of waits held instead of 55–69 %).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// One unpinned worker running relay's echo app (no origin: the client is the only peer).
 fn config(coalesce: &str, events: u32) -> String {
     format!(
@@ -52,10 +58,24 @@ async fn ping_pongs(relay: &Relay) -> f64 {
     completions / waits
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Completions per wait without coalescing, the least of three runs. A worker that shares a
+/// CPU with the clients sometimes waits runnable while completions pile up, which makes its
+/// batches big by accident (with two client threads: 1.7 to 33 per wait between runs of the
+/// same test). That only ever inflates the figure; the tests that use this run their
+/// clients on one thread, and over 30 runs the least of three stayed at or below 10.2.
+async fn batch_without_coalescing(relay: &Relay) -> f64 {
+    let mut least = f64::INFINITY;
+    for _ in 0..3 {
+        least = least.min(ping_pongs(relay).await);
+    }
+    least
+}
+
+#[tokio::test]
 async fn coalescing_batches_wake_ups_and_off_does_not() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let plain = Relay::with_config(&config("off", 16), &[]);
-    let per_wait_off = ping_pongs(&plain).await;
+    let per_wait_off = batch_without_coalescing(&plain).await;
 
     let held = Relay::with_config(&config("500us", 64), &[]);
     let per_wait_on = ping_pongs(&held).await;
@@ -75,8 +95,11 @@ fn held_share(relay: &Relay) -> (f64, f64) {
     )
 }
 
+// Two client threads here: one alone does not keep completions coming fast enough for the
+// gate to open reliably (6-59 % held over 30 runs, against 36-70 % with two).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_holds_wake_ups_only_while_completions_come_on_their_own() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let auto = Relay::with_config(&config("auto", 16), &[]);
 
     // One connection, one message in flight: each completion waits on the answer to the
@@ -113,11 +136,12 @@ async fn auto_holds_wake_ups_only_while_completions_come_on_their_own() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn coalesce_flags_override_the_config() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     // The flag wins over the file: "off" on the command line, 500us in the config.
     let plain = Relay::with_config(&config("500us", 64), &["--coalesce", "off"]);
-    let per_wait_off = ping_pongs(&plain).await;
+    let per_wait_off = batch_without_coalescing(&plain).await;
     // And the other way round, with the count from the command line too.
     let held = Relay::with_config(
         &config("off", 16),
