@@ -35,8 +35,9 @@ def pairs($a; $b): [range(0; [($a | length), ($b | length)] | min) | select($a[.
 def won($p; $better): ($p | map(select(if $better == "higher" then .[0] > .[1] else .[0] < .[1] end)) | length | tostring) + " of " + ($p | length | tostring);
 def pratio($p): if ($p | length) == 0 then "–" else ($p | map(.[1] / .[0]) | median | fixed(2)) + "×" end;
 # The median of one figure over a cell's runs, each figure on its own (the main table shows
-# the run that was the median by msgs/s, whose p99 or CPU may be that run's outlier).
-def runs_median($k): (.[$k] // []) | map(select(. != null and . > 0)) | median;
+# the run that was the median by msgs/s, whose p99 or CPU may be that run's outlier). A failed
+# run counts as 0 msgs/s, as in the main table, and has no latency or CPU figure.
+def runs_median($k): (.[$k] // []) | if $k == "runs_msgs_per_s" then map(. // 0) else map(select(. != null and . > 0)) end | median;
 def good: .ok == true or (.msgs_per_s // 0) > 0 or (.held // 0) > 0;
 # Where loopback ran the receive path (bench-compare.sh --rx-cpu); runs before the option: sender.
 def rx: .rx_cpu // "sender";
