@@ -839,14 +839,16 @@ $obj")
                 '{kind: "idle", cell: $cell, peer: $peer, connections: $n, ok: false, error: $e}')"
             continue
         fi
-        # Median run by new connections/s (failed runs count as 0); all runs' figures kept.
+        # Median run by new connections/s (failed runs count as 0); every run's figures kept,
+        # in round order as the throughput cells' are.
         record "$(jq -sc --arg cell "$cell" --arg peer "$peer" --argjson n "$n" --arg rx "${RX_MODES[0]}" '
-            (sort_by(.connect_rate_per_s // 0)) as $sorted
-            | $sorted[(length - 1) / 2 | floor] + {kind: "idle", cell: $cell, rx_cpu: $rx, peer: $peer, connections: $n}
-            | if ($sorted | length) > 1 then
-                . + {runs_connect_rate_per_s: [$sorted[] | .connect_rate_per_s],
-                     runs_proxy_cpu_us_per_conn: [$sorted[] | .proxy_cpu_us_per_conn],
-                     runs_proxy_user_bytes_per_conn: [$sorted[] | .proxy_user_bytes_per_conn]}
+            . as $runs
+            | sort_by(.connect_rate_per_s // 0)[(length - 1) / 2 | floor]
+            | . + {kind: "idle", cell: $cell, rx_cpu: $rx, peer: $peer, connections: $n}
+            | if ($runs | length) > 1 then
+                . + {runs_connect_rate_per_s: [$runs[] | .connect_rate_per_s],
+                     runs_proxy_cpu_us_per_conn: [$runs[] | .proxy_cpu_us_per_conn],
+                     runs_proxy_user_bytes_per_conn: [$runs[] | .proxy_user_bytes_per_conn]}
               else . end' "$RUN_DIR/idle-$n-$peer.runs.jsonl")"
     done
 done
