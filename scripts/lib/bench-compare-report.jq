@@ -79,10 +79,9 @@ def rxtitle:
       "Each figure's own median over the runs (above: the run that was the median by msgs/s).\n",
       "| cell | peer | median msgs/s | ×relay | median CPU-µs/msg | ×relay | median p99 µs | ×relay |",
       "|---|---|--:|--:|--:|--:|--:|--:|",
-      ($tcells[] as $c | ($all | map(select(.kind == "throughput" and .cell == $c and rx == $mode and .peer == "relay" and good)) | first) as $rl
-        | select($rl != null)
+      ($tcells[] as $c | $all[] | select(.kind == "throughput" and .cell == $c and rx == $mode and good)
+        | ref(.; "relay") as $rl
         | ($rl | runs_median("runs_msgs_per_s")) as $rm | ($rl | runs_median("runs_cpu_us_per_msg")) as $ru | ($rl | runs_median("runs_p99_us")) as $rp
-        | $all[] | select(.kind == "throughput" and .cell == $c and rx == $mode and good)
         | runs_median("runs_msgs_per_s") as $m | runs_median("runs_cpu_us_per_msg") as $u | runs_median("runs_p99_us") as $p
         | "| \($c) | \(.peer) | \($m | si) | \(ratio($m; $rm)) | \($u | if . == null then "–" else fixed(3) end) | \(ratio($u; $ru)) | \($p | us) | \(ratio($p; $rp)) |"),
       ""
